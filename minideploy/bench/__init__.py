@@ -1,0 +1,1 @@
+"""Benchmarks: each `python -m minideploy.bench.NAME` writes figures/NAME.json and a plot."""

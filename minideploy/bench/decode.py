@@ -1,0 +1,241 @@
+"""Greedy decode speed: the native model against transformers' `generate`.
+
+Same model, same prompts, same dtype, same run. For `generate`, decode speed
+is (N - 1) tokens over t(N new tokens) - t(1 new token), so prompt processing
+cancels out.
+
+CPU (default): the real default model at batch 1 through the engine's
+generator. Writes figures/decode_cpu.json.
+
+CUDA with --model-shape (e.g. llama2-7b): random fp16 weights built on the
+GPU; native decode replays CUDA graphs (one per batch bucket) with the greedy
+token fed back on the device, timed with CUDA events; HF `generate` on a
+same-shaped model; and the weight-streaming limit, weight bytes over the
+measured copy bandwidth. Writes figures/decode_<gpu>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from ..config import GenerationConfig, ModelConfig
+from ..engine import Generator
+from ..engine.cuda_graphs import CUDAGraphDecoder
+from ..memory import weight_bytes
+from ..models import KVCache, load_model, random_model
+from ..models.shapes import MODEL_SHAPES
+from ..roofline import measure_bandwidth
+from .common import FIGURES, bar_plot, device_tag, summarize, write_result
+from .timing import describe, time_fn
+
+PROMPT = "Write a short story about a robot who learns to paint."
+
+
+def time_native(gen: Generator, ids: list[int], new_tokens: int) -> tuple[float, list[int]]:
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    start = time.perf_counter()
+    for seqs in gen.stream([ids], [config]):
+        pass
+    return time.perf_counter() - start, seqs[0].output_ids
+
+
+def time_hf(hf, ids: list[int], new_tokens: int) -> tuple[float, list[int]]:
+    x = torch.tensor([ids], device=hf.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out[0, len(ids):].tolist()
+
+
+def decode_rate(timer, new_tokens: int, repeats: int) -> dict:
+    """Median decode tokens/s, prefill cancelled out; raw timings kept."""
+    timer(2)  # warm-up: kernel builds, allocator, thread pools
+    full, one, tokens = [], [], None
+    for _ in range(repeats):
+        t, tokens = timer(new_tokens)
+        full.append(t)
+        one.append(timer(1)[0])
+    rate = (new_tokens - 1) / (summarize(full)["median"] - summarize(one)["median"])
+    return {"tokens_per_s": rate, "seconds_n_tokens": full, "seconds_1_token": one, "tokens": tokens}
+
+
+def hf_model_of_shape(config: ModelConfig, dtype: torch.dtype, device: str):
+    """transformers' LlamaForCausalLM with this shape and random weights, built on the device."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_config = LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                            intermediate_size=config.intermediate_size,
+                            num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+                            num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
+                            max_position_embeddings=config.max_position_embeddings,
+                            rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta,
+                            tie_word_embeddings=config.tie_word_embeddings)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(hf_config).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
+def bench_cpu(args) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, args.dtype)
+    loaded = load_model(args.model, dtype=dtype, device="cpu")
+    ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
+                                               add_generation_prompt=True, tokenize=True,
+                                               return_dict=False)
+    gen = Generator(loaded.model, loaded.tokenizer, loaded.config, session_len=len(ids) + args.new_tokens)
+    hf = AutoModelForCausalLM.from_pretrained(str(loaded.source.path), dtype=dtype).eval()
+
+    hf_result = decode_rate(lambda n: time_hf(hf, ids, n), args.new_tokens, args.repeats)
+    native = decode_rate(lambda n: time_native(gen, ids, n), args.new_tokens, args.repeats)
+    result = {
+        "model": str(loaded.source.path), "dtype": args.dtype, "batch_size": 1,
+        "prompt_tokens": len(ids), "new_tokens": args.new_tokens,
+        "threads": torch.get_num_threads(),
+        "hf_generate": hf_result, "native": native,
+        "speedup": native["tokens_per_s"] / hf_result["tokens_per_s"],
+        "same_tokens": native["tokens"] == hf_result["tokens"],
+    }
+    path = write_result("decode_cpu", result, "cpu")
+    bar_plot(FIGURES / "decode_cpu.png", ["HF generate", "minideploy"],
+             [hf_result["tokens_per_s"], native["tokens_per_s"]], "decode tokens/s (bs 1)",
+             f"{loaded.config.num_layers}-layer default model, {args.dtype}, CPU: "
+             f"{result['speedup']:.2f}x HF")
+    print(f"HF generate {hf_result['tokens_per_s']:.1f} tok/s | minideploy "
+          f"{native['tokens_per_s']:.1f} tok/s | speedup {result['speedup']:.2f}x | "
+          f"same greedy tokens: {result['same_tokens']} -> {path}")
+    return result
+
+
+def bench_cuda(args) -> dict:
+    device, dtype = "cuda", getattr(torch, args.dtype)
+    config = MODEL_SHAPES[args.model_shape]
+    batches = sorted(args.batches)
+    max_len = args.prompt_len + args.new_tokens + 1
+    bandwidth = measure_bandwidth(device)
+    weights = weight_bytes(config, dtype)
+    limit = bandwidth["copy_bytes_per_s"] / weights  # tokens/s at batch 1 if only weights moved
+
+    model = random_model(config, dtype, device, max_positions=max_len)
+    cache = KVCache(config, max(batches), max_len, dtype, device)
+    graphs = CUDAGraphDecoder(model, cache, buckets=batches)
+    graphs.capture()
+    eager = CUDAGraphDecoder(model, cache, buckets=batches)  # never captured: the eager loop
+    native = {}
+    for batch in batches:
+        prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len), device=device)
+        first = graphs.prefill(prompts)
+        positions = torch.full((batch,), args.prompt_len, device=device)
+        row = {}
+        for name, decoder in (("graph", graphs), ("eager", eager)):
+            if name == "eager" and batch not in args.eager_batches:
+                continue
+            seconds = time_fn(lambda: decoder.greedy(first, positions, args.new_tokens), warmup=1,
+                              repeats=args.repeats, device=device)
+            row[name] = {"seconds": seconds, "step_ms": describe([1e3 * s / args.new_tokens for s in seconds]),
+                         "tokens_per_s": batch * args.new_tokens / describe(seconds)["median"]}
+        native[batch] = row
+        print(f"bs {batch:3d}: graph {row['graph']['tokens_per_s']:8.1f} tok/s"
+              + (f" | eager {row['eager']['tokens_per_s']:.1f}" if "eager" in row else ""), flush=True)
+    del graphs, eager, cache, model
+    torch.cuda.empty_cache()
+
+    hf = hf_model_of_shape(config, dtype, device)
+    hf_rows = {}
+    for batch in batches:
+        ids = torch.randint(0, config.vocab_size, (batch, args.prompt_len)).tolist()
+        hf_rows[batch] = decode_rate(lambda n: time_hf_batch(hf, ids, n), args.hf_new_tokens, 2)
+        hf_rows[batch]["tokens_per_s"] *= batch
+        hf_rows[batch].pop("tokens")
+        print(f"bs {batch:3d}: HF generate {hf_rows[batch]['tokens_per_s']:8.1f} tok/s", flush=True)
+    bs1 = native[batches[0]]["graph"]["tokens_per_s"]
+    result = {
+        "model_shape": args.model_shape, "dtype": args.dtype, "weight_bytes": weights,
+        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "hf_new_tokens": args.hf_new_tokens,
+        "bandwidth": bandwidth, "weight_streaming_limit_tokens_per_s": limit,
+        "native": native, "hf_generate": hf_rows,
+        "bs1_fraction_of_limit": bs1 / limit,
+        "bs1_speedup_vs_hf": bs1 / hf_rows[batches[0]]["tokens_per_s"],
+    }
+    tag = device_tag(device)
+    path = write_result(f"decode_{tag}", result, device)
+    plot_cuda(FIGURES / f"decode_{tag}.png", result, batches)
+    print(f"bs1: {bs1:.1f} tok/s = {100 * bs1 / limit:.1f}% of the weight-streaming limit "
+          f"{limit:.1f} tok/s ({bandwidth['copy_bytes_per_s'] / 1e12:.2f} TB/s copy); "
+          f"{result['bs1_speedup_vs_hf']:.1f}x HF generate -> {path}")
+    return result
+
+
+def time_hf_batch(hf, ids: list[list[int]], new_tokens: int) -> tuple[float, list[int]]:
+    x = torch.tensor(ids, device=hf.device)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, []
+
+
+def plot_cuda(path, result: dict, batches: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(batches, [result["native"][b]["graph"]["tokens_per_s"] for b in batches], "o-",
+            label="minideploy (CUDA graphs)")
+    eager = [b for b in batches if "eager" in result["native"][b]]
+    ax.plot(eager, [result["native"][b]["eager"]["tokens_per_s"] for b in eager], "s--",
+            label="minideploy eager")
+    ax.plot(batches, [result["hf_generate"][b]["tokens_per_s"] for b in batches], "^-",
+            label="HF generate")
+    ax.plot(batches, [b * result["weight_streaming_limit_tokens_per_s"] for b in batches], "k:",
+            label="weight-streaming limit x batch")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("decode tokens/s (all sequences)")
+    ax.set_title(f"{result['model_shape']} {result['dtype']} decode on {result['provenance']['device']}"
+                 if "provenance" in result else f"{result['model_shape']} decode", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m minideploy.bench.decode", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", default="default", help="CPU: model path or 'default'")
+    parser.add_argument("--model-shape", default="llama2-7b", choices=sorted(MODEL_SHAPES),
+                        help="CUDA: random-weight model of this shape")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="default: float32 on CPU, float16 on CUDA")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64], help="CUDA")
+    parser.add_argument("--eager-batches", type=int, nargs="+", default=[1, 8], help="CUDA")
+    parser.add_argument("--prompt-len", type=int, default=128, help="CUDA")
+    parser.add_argument("--hf-new-tokens", type=int, default=32, help="CUDA: HF generate is slow")
+    args = parser.parse_args(argv)
+    if args.device == "cuda":
+        args.dtype = args.dtype or "float16"
+        return bench_cuda(args)
+    args.dtype = args.dtype or "float32"
+    return bench_cpu(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The `minideploy` command, shaped like `lmdeploy`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import EngineConfig, GenerationConfig
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_path", nargs="?", default="default",
+                   help="HF model directory, .gguf file, or 'default' (built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--session-len", type=int, default=None,
+                   help="longest conversation in tokens (default: the model's context length)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (turns sampling on)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (turns sampling on)")
+    p.add_argument("--top-k", type=int, default=None, help="top-k sampling (turns sampling on)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def engine_config(args) -> EngineConfig:
+    return EngineConfig(dtype=args.dtype, device=args.device, session_len=args.session_len)
+
+
+def gen_config(args) -> GenerationConfig:
+    sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p),
+                                  ("top_k", args.top_k)) if v is not None}
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=bool(sampling),
+                            repetition_penalty=args.repetition_penalty, random_seed=args.seed,
+                            **sampling)
+
+
+def read_turns(stream):
+    """User turns: one per line; a prompt is shown only when a person is typing."""
+    interactive = stream.isatty()
+    while True:
+        if interactive:
+            print("\nuser> ", end="", flush=True)
+        line = stream.readline()
+        if not line:
+            return
+        yield line.strip()
+
+
+def cmd_chat(args) -> int:
+    from .engine import Pipeline
+
+    pipe = Pipeline(args.model_path, engine_config(args))
+    config = gen_config(args)
+    print(f"model: {pipe.loaded.source.path}  session_len: {pipe.session_len}  "
+          "(type 'end' to reset the session, 'exit' to quit)", file=sys.stderr)
+    history: list[dict] = []
+    for turn in read_turns(sys.stdin):
+        if turn == "exit":
+            break
+        if turn == "end":
+            history = []
+            print("(session reset)", file=sys.stderr)
+            continue
+        if not turn:
+            continue
+        messages = history + [{"role": "user", "content": turn}]
+        try:
+            reply = ""
+            print("assistant> ", end="", flush=True)
+            for chunk in pipe.stream_infer(messages, config):
+                print(chunk.text, end="", flush=True)
+                reply += chunk.text
+        except ValueError as err:  # e.g. the conversation no longer fits session_len
+            print(f"\nerror: {err}. Type 'end' to start a new session.", file=sys.stderr)
+            continue
+        print(flush=True)
+        history = messages + [{"role": "assistant", "content": reply}]
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .engine import Pipeline
+
+    pipe = Pipeline(args.model_path, engine_config(args))
+    response, total, decode_tps = pipe.generate_timed(args.prompt, gen_config(args))
+    print(response.text)
+    print(f"[{response.input_token_len} prompt tokens, {response.generate_token_len} generated "
+          f"({response.finish_reason}) in {total:.2f} s; decode {decode_tps:.1f} tokens/s on "
+          f"{pipe.device.type}, {pipe.engine_config.torch_dtype()}]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minideploy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    chat = sub.add_parser("chat", help="interactive multi-turn chat in the terminal (streams)")
+    add_model_args(chat)
+    add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    gen = sub.add_parser("generate", help="answer one prompt and report tokens/s")
+    add_model_args(gen)
+    add_sampling_args(gen)
+    gen.add_argument("--prompt", "-p", required=True)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"minideploy {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

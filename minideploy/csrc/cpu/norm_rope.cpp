@@ -1,0 +1,307 @@
+// RMSNorm, fused residual-add + RMSNorm, and rotary position embedding (RoPE)
+// on the CPU.
+//
+// What they compute (the specification is minideploy/kernels/reference.py):
+//   rms_norm(x, weight, eps):        x [num_tokens, hidden], weight [hidden]
+//       out = weight * (x_f32 * 1/sqrt(mean(x_f32^2) + eps)).to(dtype)
+//   add_rms_norm(x, residual, weight, eps):
+//       s = x + residual (rounded to dtype); returns (rms_norm(s), s)
+//   rope(q, k, positions, cos_sin):  q [num_tokens, num_heads, head_dim],
+//       k [num_tokens, num_kv_heads, head_dim], positions [num_tokens] int64/int32,
+//       cos_sin [max_positions, head_dim] f32 = [cos | sin] halves.
+//       With x1 = x[:d/2], x2 = x[d/2:]:  out1 = x1*cos - x2*sin, out2 = x2*cos + x1*sin
+// All tensors are contiguous and row-major; outputs are new tensors.
+//
+// Why this design: both ops are memory-bound (a few flops per byte), so the
+// work is one pass over each row with plain loops that gcc auto-vectorises
+// (`#pragma omp simd`), and OpenMP threads over rows only when there are
+// enough of them to pay for waking the threads. The arithmetic is written in
+// the reference's order, with the same roundings (to the storage dtype after
+// x * inv_rms, then again after * weight), and the build passes
+// -ffp-contract=off so that no multiply-add is fused: RoPE is bit-identical
+// to the reference and RMSNorm differs only through the order of the sum of
+// squares (accumulated here in double, so it is at least as accurate).
+
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+namespace {
+
+// Waking the OpenMP threads pays off only above this many elements; decode
+// steps with a handful of tokens stay on one thread.
+constexpr int64_t kParallelThreshold = 1 << 16;
+
+// ---------------------------------------------------------------------------
+// RMSNorm kernel: one row at a time.
+// ---------------------------------------------------------------------------
+
+// Normalises one row. `in` is the row to normalise (x, or s = x + residual).
+template <typename scalar_t>
+inline void rms_norm_row(const scalar_t* in, const scalar_t* weight, scalar_t* out, int64_t hidden,
+                         float eps) {
+  // Sum of squares: each square rounded to float (the reference's x.pow(2)),
+  // accumulated in double.
+  double sum_sq = 0.0;
+#pragma omp simd reduction(+ : sum_sq)
+  for (int64_t i = 0; i < hidden; ++i) {
+    const float v = static_cast<float>(in[i]);
+    const float sq = v * v;
+    sum_sq += sq;
+  }
+  // mean in float, + eps in float, then 1/sqrt: torch.rsqrt on the CPU is
+  // 1 / sqrt(v), both correctly rounded.
+  const float variance = static_cast<float>(sum_sq) / static_cast<float>(hidden);
+  const float inv_rms = 1.0f / std::sqrt(variance + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < hidden; ++i) {
+    // (x * inv_rms) rounded to the storage dtype, then * weight, rounded again.
+    const scalar_t normed = static_cast<scalar_t>(static_cast<float>(in[i]) * inv_rms);
+    out[i] = static_cast<scalar_t>(static_cast<float>(weight[i]) * static_cast<float>(normed));
+  }
+}
+
+template <typename scalar_t>
+void rms_norm_impl(const scalar_t* x, const scalar_t* weight, scalar_t* out, int64_t num_tokens,
+                   int64_t hidden, float eps) {
+#pragma omp parallel for if (num_tokens * hidden >= kParallelThreshold && num_tokens > 1)
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    rms_norm_row(x + t * hidden, weight, out + t * hidden, hidden, eps);
+  }
+}
+
+template <typename scalar_t>
+void add_rms_norm_impl(const scalar_t* x, const scalar_t* residual, const scalar_t* weight,
+                       scalar_t* out, scalar_t* sum, int64_t num_tokens, int64_t hidden,
+                       float eps) {
+#pragma omp parallel for if (num_tokens * hidden >= kParallelThreshold && num_tokens > 1)
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const scalar_t* xr = x + t * hidden;
+    const scalar_t* rr = residual + t * hidden;
+    scalar_t* sr = sum + t * hidden;
+#pragma omp simd
+    for (int64_t i = 0; i < hidden; ++i) {
+      // x + residual in the storage dtype: computed in float, rounded once.
+      sr[i] = static_cast<scalar_t>(static_cast<float>(xr[i]) + static_cast<float>(rr[i]));
+    }
+    rms_norm_row(sr, weight, out + t * hidden, hidden, eps);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// RoPE kernel: per token, per head, the two halves of the head.
+// ---------------------------------------------------------------------------
+
+template <typename scalar_t>
+inline void rope_heads(const scalar_t* in, scalar_t* out, int64_t num_heads, int64_t half,
+                       const float* cos, const float* sin) {
+  for (int64_t h = 0; h < num_heads; ++h) {
+    const scalar_t* x1 = in + h * 2 * half;
+    const scalar_t* x2 = x1 + half;
+    scalar_t* o1 = out + h * 2 * half;
+    scalar_t* o2 = o1 + half;
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = static_cast<float>(x1[i]);
+      const float b = static_cast<float>(x2[i]);
+      o1[i] = static_cast<scalar_t>(a * cos[i] - b * sin[i]);
+      o2[i] = static_cast<scalar_t>(b * cos[i] + a * sin[i]);
+    }
+  }
+}
+
+template <typename scalar_t, typename pos_t>
+void rope_impl(const scalar_t* q, const scalar_t* k, const pos_t* positions, const float* cos_sin,
+               scalar_t* q_out, scalar_t* k_out, int64_t num_tokens, int64_t num_heads,
+               int64_t num_kv_heads, int64_t head_dim) {
+  const int64_t half = head_dim / 2;
+  const int64_t work = num_tokens * (num_heads + num_kv_heads) * head_dim;
+#pragma omp parallel for if (work >= kParallelThreshold && num_tokens > 1)
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const float* cos = cos_sin + static_cast<int64_t>(positions[t]) * head_dim;
+    const float* sin = cos + half;
+    rope_heads(q + t * num_heads * head_dim, q_out + t * num_heads * head_dim, num_heads, half, cos,
+               sin);
+    rope_heads(k + t * num_kv_heads * head_dim, k_out + t * num_kv_heads * head_dim, num_kv_heads,
+               half, cos, sin);
+  }
+}
+
+// Positions are checked before the parallel loop: an exception must never
+// leave an OpenMP region.
+template <typename pos_t>
+void check_positions_range(const pos_t* positions, int64_t n, int64_t max_positions) {
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t p = static_cast<int64_t>(positions[t]);
+    TORCH_CHECK(p >= 0 && p < max_positions, "rope: positions must lie in [0, ", max_positions,
+                ") (the rows of cos_sin), got ", p);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Argument checks: every message names the op and the argument.
+// ---------------------------------------------------------------------------
+
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kDouble: return "float64";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kShort: return "int16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
+std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? "," : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_float(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", arg,
+              " must be float32, float16 or bfloat16, got ", dtype_name(t.scalar_type()));
+}
+
+void check_like(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
+                const at::Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", arg, " must have the dtype of ",
+              ref_arg, " (", dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", arg, " must be on ", ref_arg, "'s device ",
+              ref.device(), ", got ", t.device());
+}
+
+void check_contiguous(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", arg, " must be contiguous (call .contiguous() first)");
+}
+
+void check_cpu(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", arg, " must be a CPU tensor for the CPU kernel, got ",
+              t.device());
+}
+
+void check_rms_norm_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                         double eps) {
+  check_float(op, "x", x);
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [num_tokens, hidden], got shape ", shape_str(x));
+  TORCH_CHECK(x.size(1) > 0, op, ": x must have hidden > 0, got shape ", shape_str(x));
+  check_contiguous(op, "x", x);
+  check_like(op, "weight", weight, "x", x);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1), op,
+              ": weight must have shape [hidden]=[", x.size(1), "], got ", shape_str(weight));
+  check_contiguous(op, "weight", weight);
+  TORCH_CHECK(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
+  check_cpu(op, "x", x);
+}
+
+// ---------------------------------------------------------------------------
+// Launchers
+// ---------------------------------------------------------------------------
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rms_norm_args("rms_norm", x, weight, eps);
+  auto out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm", [&] {
+    rms_norm_impl<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                            out.data_ptr<scalar_t>(), x.size(0), x.size(1),
+                            static_cast<float>(eps));
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                const at::Tensor& weight, double eps) {
+  const char* op = "add_rms_norm";
+  check_rms_norm_args(op, x, weight, eps);
+  check_like(op, "residual", residual, "x", x);
+  TORCH_CHECK(residual.sizes() == x.sizes(), op, ": residual must have the shape of x ",
+              shape_str(x), ", got ", shape_str(residual));
+  check_contiguous(op, "residual", residual);
+  auto out = at::empty_like(x);
+  auto sum = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "add_rms_norm", [&] {
+    add_rms_norm_impl<scalar_t>(x.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>(),
+                                weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                sum.data_ptr<scalar_t>(), x.size(0), x.size(1),
+                                static_cast<float>(eps));
+  });
+  return {out, sum};
+}
+
+std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& positions, const at::Tensor& cos_sin) {
+  const char* op = "rope";
+  check_float(op, "q", q);
+  TORCH_CHECK(q.dim() == 3, op, ": q must be 3-D [num_tokens, num_heads, head_dim], got shape ",
+              shape_str(q));
+  const int64_t num_tokens = q.size(0), head_dim = q.size(2);
+  TORCH_CHECK(head_dim % 2 == 0, op, ": q must have an even head_dim, got shape ", shape_str(q));
+  check_contiguous(op, "q", q);
+  check_like(op, "k", k, "q", q);
+  TORCH_CHECK(k.dim() == 3 && k.size(0) == num_tokens && k.size(2) == head_dim, op,
+              ": k must have shape [num_tokens, num_kv_heads, head_dim]=[", num_tokens, ",*,",
+              head_dim, "], got ", shape_str(k));
+  check_contiguous(op, "k", k);
+  const auto pos_type = positions.scalar_type();
+  TORCH_CHECK(pos_type == at::kLong || pos_type == at::kInt, op,
+              ": positions must be int64 (or int32), got ", dtype_name(pos_type));
+  TORCH_CHECK(positions.device() == q.device(), op, ": positions must be on q's device ",
+              q.device(), ", got ", positions.device());
+  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == num_tokens, op,
+              ": positions must have shape [num_tokens]=[", num_tokens, "], got ",
+              shape_str(positions));
+  check_contiguous(op, "positions", positions);
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat, op, ": cos_sin must be float32, got ",
+              dtype_name(cos_sin.scalar_type()));
+  TORCH_CHECK(cos_sin.device() == q.device(), op, ": cos_sin must be on q's device ", q.device(),
+              ", got ", cos_sin.device());
+  TORCH_CHECK(cos_sin.dim() == 2 && cos_sin.size(1) == head_dim, op,
+              ": cos_sin must have shape [max_positions, head_dim]=[*,", head_dim, "], got ",
+              shape_str(cos_sin));
+  check_contiguous(op, "cos_sin", cos_sin);
+  check_cpu(op, "q", q);
+
+  auto q_out = at::empty_like(q);
+  auto k_out = at::empty_like(k);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "rope", [&] {
+    auto run = [&](auto pos_tag) {
+      using pos_t = decltype(pos_tag);
+      const pos_t* pos = positions.data_ptr<pos_t>();
+      check_positions_range(pos, num_tokens, cos_sin.size(0));
+      rope_impl<scalar_t, pos_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), pos,
+                                 cos_sin.data_ptr<float>(), q_out.data_ptr<scalar_t>(),
+                                 k_out.data_ptr<scalar_t>(), num_tokens, q.size(1), k.size(1),
+                                 head_dim);
+    };
+    if (pos_type == at::kLong) {
+      run(int64_t{});
+    } else {
+      run(int32_t{});
+    }
+  });
+  return {q_out, k_out};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "minideploy CPU kernels: RMSNorm, fused add + RMSNorm, RoPE";
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (CPU)", py::arg("x"), py::arg("weight"),
+        py::arg("eps"));
+  m.def("add_rms_norm", &add_rms_norm, "s = x + residual; (rms_norm(s), s) (CPU)", py::arg("x"),
+        py::arg("residual"), py::arg("weight"), py::arg("eps"));
+  m.def("rope", &rope, "rotary embedding, rotate_half convention (CPU)", py::arg("q"),
+        py::arg("k"), py::arg("positions"), py::arg("cos_sin"));
+}

@@ -1,0 +1,388 @@
+// RMSNorm, fused residual-add + RMSNorm, and rotary position embedding (RoPE)
+// on an NVIDIA GPU.
+//
+// What they compute (the specification is minideploy/kernels/reference.py):
+//   rms_norm(x, weight, eps):        x [num_tokens, hidden], weight [hidden]
+//       out = weight * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(dtype)
+//   add_rms_norm(x, residual, weight, eps):
+//       s = x + residual (rounded to dtype); returns (rms_norm(s), s)
+//   rope(q, k, positions, cos_sin):  q [num_tokens, num_heads, head_dim],
+//       k [num_tokens, num_kv_heads, head_dim], positions [num_tokens] int64/int32,
+//       cos_sin [max_positions, head_dim] f32 = [cos | sin] halves.
+//       With x1 = x[:d/2], x2 = x[d/2:]:  out1 = x1*cos - x2*sin, out2 = x2*cos + x1*sin
+// All tensors are contiguous and row-major; outputs are new tensors.
+//
+// Why this design: both ops are memory-bound, so the goal is to touch each
+// byte once at full bandwidth.
+//   RMSNorm: one thread block per token row. Each thread loads 16-byte packs
+//   (4 floats or 8 halves) when the row is 16-byte aligned, squares and sums
+//   in float32, the block reduces with warp shuffles and one shared-memory
+//   step, and a second pass (served from L1/L2) writes the output. A row of a
+//   Llama model (hidden 576..8192) fits one block, and many rows fill the GPU.
+//   RoPE: one thread per (token, head, pair i); neighbouring threads handle
+//   neighbouring i, so loads of x1 and x2 are coalesced.
+// Numerics: products and sums use the __fmul_rn/__fadd_rn/__fsub_rn
+// intrinsics, which nvcc never fuses into FMAs, so the roundings are the
+// reference's (RoPE is bit-identical to the reference). The build uses -O3
+// without --use_fast_math, so the division of the mean is IEEE; rsqrtf is
+// what torch.rsqrt uses on CUDA.
+// Out-of-range positions are not checked on the host (that would synchronise
+// with the GPU); such a token's outputs are NaN, never an out-of-bounds read.
+
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <math_constants.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+namespace {
+
+// ---------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------
+
+constexpr int kWarpSize = 32;
+constexpr int kMaxThreads = 1024;
+
+// A 16-byte aligned bundle of N elements, moved with one vector load/store.
+template <typename scalar_t, int N>
+struct alignas(sizeof(scalar_t) * N) Pack {
+  scalar_t v[N];
+};
+
+// Sum of `value` over the block; every thread gets the result.
+__device__ __forceinline__ float block_sum(float value) {
+  __shared__ float warp_sums[kMaxThreads / kWarpSize];
+  __shared__ float total;
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    value = __fadd_rn(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  }
+  if (lane == 0) warp_sums[warp] = value;
+  __syncthreads();
+  if (warp == 0) {
+    const int num_warps = blockDim.x / kWarpSize;
+    value = lane < num_warps ? warp_sums[lane] : 0.0f;
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+      value = __fadd_rn(value, __shfl_xor_sync(0xffffffffu, value, offset));
+    }
+    if (lane == 0) total = value;
+  }
+  __syncthreads();
+  return total;
+}
+
+// s = x + residual in the storage dtype: computed in float, rounded once.
+template <typename scalar_t, int VEC>
+__device__ __forceinline__ Pack<scalar_t, VEC> add_packs(Pack<scalar_t, VEC> a,
+                                                         const Pack<scalar_t, VEC>& b) {
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    a.v[j] = static_cast<scalar_t>(__fadd_rn(static_cast<float>(a.v[j]), static_cast<float>(b.v[j])));
+  }
+  return a;
+}
+
+// One block per row. With ADD, the row normalised is s = x + residual, which
+// is also written to `sum`; otherwise it is x itself. VEC elements per load
+// (1 when the row is not 16-byte aligned).
+template <typename scalar_t, int VEC, bool ADD>
+__global__ void rms_norm_kernel(const scalar_t* __restrict__ x,
+                                const scalar_t* __restrict__ residual,
+                                const scalar_t* __restrict__ weight, scalar_t* __restrict__ out,
+                                scalar_t* __restrict__ sum, int64_t hidden, float eps) {
+  using P = Pack<scalar_t, VEC>;
+  const int64_t row = blockIdx.x;
+  const int64_t packs = hidden / VEC;
+  const P* x_row = reinterpret_cast<const P*>(x + row * hidden);
+  const P* r_row = ADD ? reinterpret_cast<const P*>(residual + row * hidden) : nullptr;
+
+  // Pass 1: (with ADD, s = x + residual, stored) and the sum of squares in float32.
+  float sum_sq = 0.0f;
+  for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+    P v = x_row[p];
+    if constexpr (ADD) {
+      v = add_packs(v, r_row[p]);
+      reinterpret_cast<P*>(sum + row * hidden)[p] = v;
+    }
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float f = static_cast<float>(v.v[j]);
+      sum_sq = __fadd_rn(sum_sq, __fmul_rn(f, f));
+    }
+  }
+  const float variance = block_sum(sum_sq) / static_cast<float>(hidden);
+  const float inv_rms = rsqrtf(__fadd_rn(variance, eps));
+
+  // Pass 2: out = weight * (s * inv_rms).to(dtype). The inputs come again
+  // from L1/L2; s is recomputed (bit-identical) rather than re-read from
+  // `sum`, so every load stays on the read-only path.
+  const P* w = reinterpret_cast<const P*>(weight);
+  P* out_row = reinterpret_cast<P*>(out + row * hidden);
+  for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+    P v = x_row[p];
+    if constexpr (ADD) v = add_packs(v, r_row[p]);
+    const P wv = w[p];
+    P o;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const scalar_t normed = static_cast<scalar_t>(__fmul_rn(static_cast<float>(v.v[j]), inv_rms));
+      o.v[j] = static_cast<scalar_t>(
+          __fmul_rn(static_cast<float>(wv.v[j]), static_cast<float>(normed)));
+    }
+    out_row[p] = o;
+  }
+}
+
+// One thread per (token, head, pair). Heads [0, num_heads) are q's,
+// [num_heads, num_heads + num_kv_heads) are k's.
+template <typename scalar_t, typename pos_t>
+__global__ void rope_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
+                            const pos_t* __restrict__ positions,
+                            const float* __restrict__ cos_sin, scalar_t* __restrict__ q_out,
+                            scalar_t* __restrict__ k_out, int64_t num_tokens, int num_heads,
+                            int num_kv_heads, int half, int64_t max_positions) {
+  const int heads = num_heads + num_kv_heads;
+  const int64_t total = num_tokens * heads * half;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int i = static_cast<int>(idx % half);
+    const int64_t token_head = idx / half;
+    const int head = static_cast<int>(token_head % heads);
+    const int64_t t = token_head / heads;
+
+    const scalar_t* in;
+    scalar_t* out;
+    if (head < num_heads) {
+      in = q + (t * num_heads + head) * 2 * half;
+      out = q_out + (t * num_heads + head) * 2 * half;
+    } else {
+      in = k + (t * num_kv_heads + (head - num_heads)) * 2 * half;
+      out = k_out + (t * num_kv_heads + (head - num_heads)) * 2 * half;
+    }
+    const int64_t pos = static_cast<int64_t>(positions[t]);
+    if (pos < 0 || pos >= max_positions) {
+      out[i] = static_cast<scalar_t>(CUDART_NAN_F);
+      out[i + half] = static_cast<scalar_t>(CUDART_NAN_F);
+      continue;
+    }
+    const float c = cos_sin[pos * 2 * half + i];
+    const float s = cos_sin[pos * 2 * half + half + i];
+    const float a = static_cast<float>(in[i]);
+    const float b = static_cast<float>(in[i + half]);
+    out[i] = static_cast<scalar_t>(__fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s)));
+    out[i + half] = static_cast<scalar_t>(__fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s)));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Argument checks: every message names the op and the argument.
+// ---------------------------------------------------------------------------
+
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kDouble: return "float64";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kShort: return "int16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
+std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? "," : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+void check_float(const char* op, const char* arg, const at::Tensor& t) {
+  const auto d = t.scalar_type();
+  TORCH_CHECK(d == at::kFloat || d == at::kHalf || d == at::kBFloat16, op, ": ", arg,
+              " must be float32, float16 or bfloat16, got ", dtype_name(d));
+}
+
+void check_like(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
+                const at::Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", arg, " must have the dtype of ",
+              ref_arg, " (", dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", arg, " must be on ", ref_arg, "'s device ",
+              ref.device(), ", got ", t.device());
+}
+
+void check_contiguous(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", arg, " must be contiguous (call .contiguous() first)");
+}
+
+void check_cuda(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cuda(), op, ": ", arg,
+              " must be a CUDA tensor for the CUDA kernel, got ", t.device());
+}
+
+void check_rms_norm_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                         double eps) {
+  check_float(op, "x", x);
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [num_tokens, hidden], got shape ", shape_str(x));
+  TORCH_CHECK(x.size(1) > 0, op, ": x must have hidden > 0, got shape ", shape_str(x));
+  check_contiguous(op, "x", x);
+  check_like(op, "weight", weight, "x", x);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1), op,
+              ": weight must have shape [hidden]=[", x.size(1), "], got ", shape_str(weight));
+  check_contiguous(op, "weight", weight);
+  TORCH_CHECK(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
+  check_cuda(op, "x", x);
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// ---------------------------------------------------------------------------
+// Launchers
+// ---------------------------------------------------------------------------
+
+template <bool ADD>
+void launch_rms_norm(const at::Tensor& x, const at::Tensor* residual, const at::Tensor& weight,
+                     at::Tensor& out, at::Tensor* sum, double eps) {
+  const int64_t num_tokens = x.size(0), hidden = x.size(1);
+  if (num_tokens == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm", [&] {
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const scalar_t* x_ptr = x.data_ptr<scalar_t>();
+    const scalar_t* r_ptr = ADD ? residual->data_ptr<scalar_t>() : nullptr;
+    scalar_t* s_ptr = ADD ? sum->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* w_ptr = weight.data_ptr<scalar_t>();
+    scalar_t* o_ptr = out.data_ptr<scalar_t>();
+    // Rows start 16-byte aligned when the base pointers are and hidden is a
+    // multiple of the pack size.
+    const bool vectorised = hidden % kVec == 0 && aligned16(x_ptr) && aligned16(w_ptr) &&
+                            aligned16(o_ptr) && (!ADD || (aligned16(r_ptr) && aligned16(s_ptr)));
+    const int64_t packs = vectorised ? hidden / kVec : hidden;
+    // Enough warps to cover the row once, at most 1024 threads.
+    const int threads = static_cast<int>(
+        std::min<int64_t>(kMaxThreads, (packs + kWarpSize - 1) / kWarpSize * kWarpSize));
+    const dim3 grid(static_cast<unsigned>(num_tokens));
+    const float feps = static_cast<float>(eps);
+    if (vectorised) {
+      rms_norm_kernel<scalar_t, kVec, ADD>
+          <<<grid, threads, 0, stream>>>(x_ptr, r_ptr, w_ptr, o_ptr, s_ptr, hidden, feps);
+    } else {
+      rms_norm_kernel<scalar_t, 1, ADD>
+          <<<grid, threads, 0, stream>>>(x_ptr, r_ptr, w_ptr, o_ptr, s_ptr, hidden, feps);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rms_norm_args("rms_norm", x, weight, eps);
+  TORCH_CHECK(x.size(0) <= INT32_MAX, "rms_norm: x has too many rows for one launch, got shape ",
+              shape_str(x));
+  auto out = at::empty_like(x);
+  launch_rms_norm<false>(x, nullptr, weight, out, nullptr, eps);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                const at::Tensor& weight, double eps) {
+  const char* op = "add_rms_norm";
+  check_rms_norm_args(op, x, weight, eps);
+  check_like(op, "residual", residual, "x", x);
+  TORCH_CHECK(residual.sizes() == x.sizes(), op, ": residual must have the shape of x ",
+              shape_str(x), ", got ", shape_str(residual));
+  check_contiguous(op, "residual", residual);
+  TORCH_CHECK(x.size(0) <= INT32_MAX, op, ": x has too many rows for one launch, got shape ",
+              shape_str(x));
+  auto out = at::empty_like(x);
+  auto sum = at::empty_like(x);
+  launch_rms_norm<true>(x, &residual, weight, out, &sum, eps);
+  return {out, sum};
+}
+
+std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& positions, const at::Tensor& cos_sin) {
+  const char* op = "rope";
+  check_float(op, "q", q);
+  TORCH_CHECK(q.dim() == 3, op, ": q must be 3-D [num_tokens, num_heads, head_dim], got shape ",
+              shape_str(q));
+  const int64_t num_tokens = q.size(0), head_dim = q.size(2);
+  TORCH_CHECK(head_dim % 2 == 0, op, ": q must have an even head_dim, got shape ", shape_str(q));
+  check_contiguous(op, "q", q);
+  check_like(op, "k", k, "q", q);
+  TORCH_CHECK(k.dim() == 3 && k.size(0) == num_tokens && k.size(2) == head_dim, op,
+              ": k must have shape [num_tokens, num_kv_heads, head_dim]=[", num_tokens, ",*,",
+              head_dim, "], got ", shape_str(k));
+  check_contiguous(op, "k", k);
+  const auto pos_type = positions.scalar_type();
+  TORCH_CHECK(pos_type == at::kLong || pos_type == at::kInt, op,
+              ": positions must be int64 (or int32), got ", dtype_name(pos_type));
+  TORCH_CHECK(positions.device() == q.device(), op, ": positions must be on q's device ",
+              q.device(), ", got ", positions.device());
+  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == num_tokens, op,
+              ": positions must have shape [num_tokens]=[", num_tokens, "], got ",
+              shape_str(positions));
+  check_contiguous(op, "positions", positions);
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat, op, ": cos_sin must be float32, got ",
+              dtype_name(cos_sin.scalar_type()));
+  TORCH_CHECK(cos_sin.device() == q.device(), op, ": cos_sin must be on q's device ", q.device(),
+              ", got ", cos_sin.device());
+  TORCH_CHECK(cos_sin.dim() == 2 && cos_sin.size(1) == head_dim, op,
+              ": cos_sin must have shape [max_positions, head_dim]=[*,", head_dim, "], got ",
+              shape_str(cos_sin));
+  check_contiguous(op, "cos_sin", cos_sin);
+  check_cuda(op, "q", q);
+
+  auto q_out = at::empty_like(q);
+  auto k_out = at::empty_like(k);
+  const int64_t total = num_tokens * (q.size(1) + k.size(1)) * (head_dim / 2);
+  if (total == 0) return {q_out, k_out};
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  constexpr int kThreads = 256;
+  // A grid-stride loop: enough blocks to fill the GPU, never more than needed.
+  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 65535 * 8);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "rope", [&] {
+    auto run = [&](auto pos_tag) {
+      using pos_t = decltype(pos_tag);
+      rope_kernel<scalar_t, pos_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), positions.data_ptr<pos_t>(),
+          cos_sin.data_ptr<float>(), q_out.data_ptr<scalar_t>(), k_out.data_ptr<scalar_t>(),
+          num_tokens, static_cast<int>(q.size(1)), static_cast<int>(k.size(1)),
+          static_cast<int>(head_dim / 2), cos_sin.size(0));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (pos_type == at::kLong) {
+      run(int64_t{});
+    } else {
+      run(int32_t{});
+    }
+  });
+  return {q_out, k_out};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "minideploy CUDA kernels: RMSNorm, fused add + RMSNorm, RoPE";
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (CUDA)", py::arg("x"), py::arg("weight"),
+        py::arg("eps"));
+  m.def("add_rms_norm", &add_rms_norm, "s = x + residual; (rms_norm(s), s) (CUDA)", py::arg("x"),
+        py::arg("residual"), py::arg("weight"), py::arg("eps"));
+  m.def("rope", &rope, "rotary embedding, rotate_half convention (CUDA)", py::arg("q"),
+        py::arg("k"), py::arg("positions"), py::arg("cos_sin"));
+}

@@ -1,0 +1,71 @@
+"""Batched sampling: one row of logits per sequence, each with its own settings.
+
+Order as in transformers' logits processors: repetition penalty, then
+min_new_tokens (stop tokens masked), then greedy argmax or temperature → top-k
+→ top-p → a draw. A request with `random_seed` draws from its own generator,
+so its output does not depend on what else is in the batch.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import GenerationConfig
+
+
+class SamplingState:
+    """Per-sequence sampling inputs that live across steps."""
+
+    def __init__(self, gen_config: GenerationConfig, stop_ids: set[int], device: torch.device):
+        self.config = gen_config
+        self.stop_ids = sorted(stop_ids)
+        self.generator = None
+        if gen_config.random_seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(gen_config.random_seed)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> None:
+    """CTRL-style penalty on tokens already in prompt or output (in place on one row)."""
+    scores = logits[seen]
+    logits[seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Return logits with everything outside the top-k and the top-p nucleus set to -inf."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
+def sample(logits: torch.Tensor, states: list[SamplingState], token_ids: list[list[int]],
+           num_generated: list[int]) -> torch.Tensor:
+    """logits [batch, vocab] float32 → next token per row [batch] (int64, on logits' device).
+
+    token_ids[b] holds prompt + output so far (for the repetition penalty).
+    """
+    logits = logits.clone()
+    greedy_rows = []
+    for b, state in enumerate(states):
+        cfg = state.config
+        if cfg.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(token_ids[b])), device=logits.device, dtype=torch.long)
+            apply_repetition_penalty(logits[b], seen, cfg.repetition_penalty)
+        if cfg.min_new_tokens and num_generated[b] < cfg.min_new_tokens and state.stop_ids:
+            logits[b, state.stop_ids] = float("-inf")
+        if cfg.greedy:
+            greedy_rows.append(b)
+    next_tokens = logits.argmax(-1)
+    for b, state in enumerate(states):
+        if b in greedy_rows:
+            continue
+        cfg = state.config
+        row = filter_top_k_top_p(logits[b] / cfg.temperature, cfg.top_k, cfg.top_p)
+        probs = row.softmax(-1)
+        next_tokens[b] = torch.multinomial(probs, 1, generator=state.generator)[0]
+    return next_tokens

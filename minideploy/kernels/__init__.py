@@ -1,0 +1,107 @@
+"""Fused kernels: one Python function per op, dispatched on the input's device.
+
+    CUDA tensor -> CUDA extension   (minideploy/csrc/cuda/*.cu)
+    CPU tensor  -> CPU extension    (minideploy/csrc/cpu/*.cpp, OpenMP + SIMD)
+    otherwise, or if the build fails -> the PyTorch reference (kernels/reference.py),
+                                        with one warning saying why
+
+The environment variable MINIDEPLOY_KERNELS, read at every call (a notebook
+can flip it between cells), chooses:
+    unset / "auto"  the dispatch above
+    "reference"     always the PyTorch reference
+    "compiled"      the compiled kernels, raising KernelBuildError if they don't build
+"""
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from minideploy.kernels import reference
+from minideploy.kernels.build import KernelBuildError, cuda_arch, load, try_load
+
+__all__ = ["rms_norm", "add_rms_norm", "rope", "linear", "backend_for", "KernelBuildError", "reference"]
+
+ENV_VAR = "MINIDEPLOY_KERNELS"
+MODES = ("auto", "reference", "compiled")
+NORM_ROPE = "norm_rope"  # the extension holding rms_norm, add_rms_norm and rope
+LINEAR = "linear"  # the CPU small-batch linear (GEMV)
+# Above this many tokens a linear is a matrix product with weight reuse: BLAS's job.
+GEMV_MAX_TOKENS = 16
+
+
+def _mode() -> str:
+    mode = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"{ENV_VAR} must be one of {', '.join(MODES)} (or unset), got {mode!r}")
+    return mode
+
+
+def _extension(name: str, device: torch.device) -> Optional[ModuleType]:
+    """The compiled extension for `device`, or None when the reference must be used."""
+    mode = _mode()
+    if mode == "reference" or device.type not in ("cpu", "cuda"):
+        return None
+    arch = None
+    if device.type == "cuda":
+        arch = cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+    if mode == "compiled":
+        return load(name, device.type, arch)
+    return try_load(name, device.type, arch)
+
+
+def backend_for(tensor: torch.Tensor, extension: str = NORM_ROPE) -> str:
+    """Which implementation a call on `tensor` uses: "cuda", "cpu" or "reference".
+
+    Builds the extension if needed (to know whether it builds).
+    """
+    ext = _extension(extension, tensor.device)
+    return "reference" if ext is None else tensor.device.type
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm: x [num_tokens, hidden], weight [hidden] -> [num_tokens, hidden] (x's dtype)."""
+    ext = _extension(NORM_ROPE, x.device)
+    if ext is None:
+        return reference.rms_norm(x, weight, eps)
+    return ext.rms_norm(x, weight, float(eps))
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """s = x + residual; returns (rms_norm(s, weight, eps), s) as new tensors."""
+    ext = _extension(NORM_ROPE, x.device)
+    if ext is None:
+        return reference.add_rms_norm(x, residual, weight, eps)
+    return ext.add_rms_norm(x, residual, weight, float(eps))
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+         cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding (HF rotate_half convention, float32 math); returns new (q, k).
+
+    q [num_tokens, num_heads, head_dim], k [num_tokens, num_kv_heads, head_dim],
+    positions [num_tokens] int64 (or int32), cos_sin [max_positions, head_dim]
+    float32 = [cos | sin]. On CUDA an out-of-range position is not checked
+    (that would synchronise); that token's outputs are NaN.
+    """
+    ext = _extension(NORM_ROPE, q.device)
+    if ext is None:
+        return reference.rope(q, k, positions, cos_sin)
+    return ext.rope(q, k, positions, cos_sin)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [tokens, in] @ weight[out, in]^T -> [tokens, out].
+
+    Decode steps on the CPU (a few tokens) use the GEMV kernel; everything else,
+    and every GPU call, is torch's matmul (cuBLAS on a GPU), which is also the
+    reference.
+    """
+    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= GEMV_MAX_TOKENS:
+        ext = _extension(LINEAR, x.device)
+        if ext is not None:
+            return ext.linear(x.contiguous(), weight)
+    return torch.nn.functional.linear(x, weight)

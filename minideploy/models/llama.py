@@ -1,0 +1,228 @@
+"""The native Llama-family model, in plain PyTorch, readable top to bottom.
+
+RMSNorm and RoPE go through `minideploy.kernels` (CUDA / C++ / reference);
+everything else is ordinary torch. Tokens travel flattened, `[num_tokens,
+hidden]`; attention metadata travels in an explicit `ForwardContext`.
+
+The KV cache here is contiguous: one row of `max_seq_len` slots per batch
+entry, preallocated once per batch (gpt-fast style). Chapter 4 replaces it with
+a paged cache behind the same two calls: `store` and `keys_values`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from ..config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """Where the tokens of one forward pass sit.
+
+    positions: [batch, seq] position of each input token in its sequence.
+    kv_len: keys/values 0..kv_len-1 of each cache row are attended to.
+    first_row: batch entry b uses cache row first_row + b.
+    """
+
+    positions: torch.Tensor
+    kv_len: int
+    first_row: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.positions.shape[0]
+
+
+class KVCache:
+    """Contiguous K/V storage: [num_layers, max_batch_size, max_seq_len, num_kv_heads, head_dim]."""
+
+    def __init__(self, config: ModelConfig, max_batch_size: int, max_seq_len: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (config.num_layers, max_batch_size, max_seq_len, config.num_kv_heads, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_seq_len = max_seq_len
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> None:
+        """Write k, v [batch, seq, num_kv_heads, head_dim] at their positions."""
+        rows = torch.arange(ctx.first_row, ctx.first_row + ctx.batch_size, device=k.device)
+        self.k[layer].index_put_((rows[:, None], ctx.positions), k)
+        self.v[layer].index_put_((rows[:, None], ctx.positions), v)
+
+    def keys_values(self, layer: int, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views [batch, kv_len, num_kv_heads, head_dim] of the rows in use."""
+        rows = slice(ctx.first_row, ctx.first_row + ctx.batch_size)
+        return self.k[layer, rows, :ctx.kv_len], self.v[layer, rows, :ctx.kv_len]
+
+
+def rope_cos_sin(config: ModelConfig, max_positions: int) -> torch.Tensor:
+    """[max_positions, head_dim] float32: cos in the first half, sin in the second.
+
+    Computed exactly as transformers does, so float32 outputs match bit for bit.
+    """
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if config.rope_scaling is not None:
+        inv_freq = llama3_scale(inv_freq, config)
+    freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+
+def llama3_scale(inv_freq: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between."""
+    s = config.rope_scaling
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias whose matmul goes through `kernels.linear`."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Without a residual: norm(x). With one: (norm(x + residual), x + residual), fused."""
+        if residual is None:
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.config, self.layer = config, layer
+        # q, k and v share one matmul: one pass over the activations instead of three.
+        self.qkv = Linear(config.hidden_size, config.q_size + 2 * config.kv_size)
+        self.o = Linear(config.q_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, ctx: ForwardContext,
+                cache: KVCache) -> torch.Tensor:
+        c = self.config
+        batch, seq = ctx.positions.shape
+        q, k, v = self.qkv(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q = q.reshape(-1, c.num_heads, c.head_dim).contiguous()  # [num_tokens, num_heads, head_dim]
+        k = k.reshape(-1, c.num_kv_heads, c.head_dim).contiguous()
+        q, k = kernels.rope(q, k, ctx.positions.reshape(-1), cos_sin)
+        cache.store(self.layer, k.view(batch, seq, c.num_kv_heads, c.head_dim),
+                    v.view(batch, seq, c.num_kv_heads, c.head_dim), ctx)
+        keys, values = cache.keys_values(self.layer, ctx)  # [batch, kv_len, num_kv_heads, head_dim]
+        # A query at position p sees keys 0..p: causal within the prompt, everything cached before.
+        visible = torch.arange(ctx.kv_len, device=x.device)[None, None, :] <= ctx.positions[:, :, None]
+        out = F.scaled_dot_product_attention(
+            q.view(batch, seq, c.num_heads, c.head_dim).transpose(1, 2),
+            keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=visible[:, None], enable_gqa=c.num_heads != c.num_kv_heads)
+        return self.o(out.transpose(1, 2).reshape(batch * seq, c.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_up = Linear(config.hidden_size, 2 * config.intermediate_size)
+        self.down = Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, h, residual, cos_sin, ctx, cache):
+        if residual is None:
+            x, residual = self.attn_norm(h), h
+        else:
+            x, residual = self.attn_norm(h, residual)
+        h = self.attn(x, cos_sin, ctx, cache)
+        x, residual = self.mlp_norm(h, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, max_positions: int | None = None):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        positions = max_positions or config.max_position_embeddings
+        self.register_buffer("cos_sin", rope_cos_sin(config, positions), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, cache: KVCache) -> torch.Tensor:
+        """input_ids [batch, seq] → final hidden states [batch, seq, hidden] (after the norm)."""
+        h = self.embed(input_ids.reshape(-1))  # [num_tokens, hidden]
+        residual = None
+        for layer in self.layers:
+            h, residual = layer(h, residual, self.cos_sin, ctx, cache)
+        h, _ = self.norm(h, residual)
+        return h.view(*input_ids.shape, -1)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy weights named as in transformers' LlamaForCausalLM, fusing q/k/v and gate/up."""
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+        mapped = {"embed.weight": state.pop("embed_tokens.weight"),
+                  "norm.weight": state.pop("norm.weight")}
+        head = state.pop("lm_head.weight", None)
+        if not self.config.tie_word_embeddings:
+            if head is None:
+                raise KeyError("lm_head.weight is missing and the config does not tie embeddings")
+            mapped["lm_head.weight"] = head
+        for i in range(self.config.num_layers):
+            p = f"layers.{i}."
+            take = lambda name: state.pop(p + name)  # noqa: E731
+            mapped[p + "attn.qkv.weight"] = torch.cat(
+                [take("self_attn.q_proj.weight"), take("self_attn.k_proj.weight"),
+                 take("self_attn.v_proj.weight")])
+            mapped[p + "attn.o.weight"] = take("self_attn.o_proj.weight")
+            mapped[p + "mlp.gate_up.weight"] = torch.cat(
+                [take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")])
+            mapped[p + "mlp.down.weight"] = take("mlp.down_proj.weight")
+            mapped[p + "attn_norm.weight"] = take("input_layernorm.weight")
+            mapped[p + "mlp_norm.weight"] = take("post_attention_layernorm.weight")
+        leftover = [k for k in state if "rotary_emb" not in k]
+        if leftover:
+            raise KeyError(f"unexpected weights in the checkpoint: {leftover[:5]}")
+        missing, unexpected = self.load_state_dict(mapped, strict=False)
+        missing = [k for k in missing if not (k == "lm_head.weight" and self.config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise KeyError(f"weights missing {missing[:5]} / unexpected {unexpected[:5]}")

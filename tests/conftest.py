@@ -1,0 +1,20 @@
+"""Shared fixtures: the real default model (loaded once) and a tiny random Llama."""
+import pytest
+import torch
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from minideploy.models import load_model
+
+    return load_model("default", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def hf_default(default_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(default_model.source.path),
+                                                dtype=torch.float32).eval()
