@@ -38,3 +38,35 @@ def test_bad_inputs_name_the_argument():
         ext.linear(torch.ones(2, 8, dtype=torch.int32), torch.ones(4, 8, dtype=torch.int32))
     with pytest.raises(RuntimeError, match="contiguous"):
         ext.linear(torch.randn(2, 8), torch.randn(8, 4).t())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens,out_features,in_features",
+                         [(1, 4096, 4096), (2, 77, 8), (3, 1000, 11008), (5, 33, 264), (8, 12288, 4096),
+                          (1, 32000, 4096)])
+def test_cuda_gemv_matches_reference(dtype, tokens, out_features, in_features):
+    x = torch.randn(tokens, in_features, device="cuda").to(dtype)
+    w = (torch.randn(out_features, in_features, device="cuda") * in_features**-0.5).to(dtype)
+    ref = F.linear(x.double(), w.double())
+    assert kernels.backend_for(x, kernels.LINEAR) == "cuda"
+    out = kernels.linear(x, w)
+    assert out.dtype == dtype and out.shape == (tokens, out_features)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[dtype]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_gemv_rejects_bad_inputs():
+    ext = kernels.build.load(kernels.LINEAR, "cuda", kernels.build.cuda_arch(0))
+    x = torch.randn(2, 16, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        ext.linear(torch.randn(2, 12, device="cuda", dtype=torch.float16),
+                   torch.randn(4, 12, device="cuda", dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="tokens <= 8"):
+        ext.linear(torch.randn(9, 16, device="cuda", dtype=torch.float16), x)
+    with pytest.raises(RuntimeError, match="weight must have x's dtype"):
+        ext.linear(x, torch.randn(4, 16, device="cuda"))
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        ext.linear(x.float(), torch.randn(4, 16, device="cuda"))

@@ -27,9 +27,10 @@ __all__ = ["rms_norm", "add_rms_norm", "rope", "linear", "backend_for", "KernelB
 ENV_VAR = "MINIDEPLOY_KERNELS"
 MODES = ("auto", "reference", "compiled")
 NORM_ROPE = "norm_rope"  # the extension holding rms_norm, add_rms_norm and rope
-LINEAR = "linear"  # the CPU small-batch linear (GEMV)
+LINEAR = "linear"  # the small-batch linear (GEMV), CPU and CUDA
 # Above this many tokens a linear is a matrix product with weight reuse: BLAS's job.
 GEMV_MAX_TOKENS = 16
+GEMV_MAX_TOKENS_CUDA = 8
 
 
 def _mode() -> str:
@@ -96,12 +97,22 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [tokens, in] @ weight[out, in]^T -> [tokens, out].
 
-    Decode steps on the CPU (a few tokens) use the GEMV kernel; everything else,
-    and every GPU call, is torch's matmul (cuBLAS on a GPU), which is also the
-    reference.
+    A decode step (a few tokens) uses the GEMV kernels: on the CPU up to 16
+    tokens in any float dtype; on a GPU up to 8 tokens in fp16/bf16 with
+    16-byte aligned rows. Everything else is torch's matmul (cuBLAS on a GPU),
+    which is also the reference.
     """
-    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= GEMV_MAX_TOKENS:
+    if x.dim() == 2 and _gemv_fits(x, weight):
         ext = _extension(LINEAR, x.device)
         if ext is not None:
             return ext.linear(x.contiguous(), weight)
     return torch.nn.functional.linear(x, weight)
+
+
+def _gemv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if x.device.type == "cpu":
+        return x.shape[0] <= GEMV_MAX_TOKENS
+    return (x.device.type == "cuda" and x.shape[0] <= GEMV_MAX_TOKENS_CUDA and x.is_contiguous()
+            and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
+            and weight.is_contiguous() and x.shape[1] % 8 == 0
+            and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)

@@ -124,7 +124,7 @@ class Attention(nn.Module):
         self.o = Linear(config.q_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, ctx: ForwardContext,
-                cache: KVCache) -> torch.Tensor:
+                cache: KVCache, visible: torch.Tensor) -> torch.Tensor:
         c = self.config
         batch, seq = ctx.positions.shape
         q, k, v = self.qkv(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
@@ -134,12 +134,10 @@ class Attention(nn.Module):
         cache.store(self.layer, k.view(batch, seq, c.num_kv_heads, c.head_dim),
                     v.view(batch, seq, c.num_kv_heads, c.head_dim), ctx)
         keys, values = cache.keys_values(self.layer, ctx)  # [batch, kv_len, num_kv_heads, head_dim]
-        # A query at position p sees keys 0..p: causal within the prompt, everything cached before.
-        visible = torch.arange(ctx.kv_len, device=x.device)[None, None, :] <= ctx.positions[:, :, None]
         out = F.scaled_dot_product_attention(
             q.view(batch, seq, c.num_heads, c.head_dim).transpose(1, 2),
             keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=visible[:, None], enable_gqa=c.num_heads != c.num_kv_heads)
+            attn_mask=visible, enable_gqa=c.num_heads != c.num_kv_heads)
         return self.o(out.transpose(1, 2).reshape(batch * seq, c.q_size))
 
 
@@ -162,12 +160,12 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, h, residual, cos_sin, ctx, cache):
+    def forward(self, h, residual, cos_sin, ctx, cache, visible):
         if residual is None:
             x, residual = self.attn_norm(h), h
         else:
             x, residual = self.attn_norm(h, residual)
-        h = self.attn(x, cos_sin, ctx, cache)
+        h = self.attn(x, cos_sin, ctx, cache, visible)
         x, residual = self.mlp_norm(h, residual)
         return self.mlp(x), residual
 
@@ -188,9 +186,13 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, cache: KVCache) -> torch.Tensor:
         """input_ids [batch, seq] → final hidden states [batch, seq, hidden] (after the norm)."""
         h = self.embed(input_ids.reshape(-1))  # [num_tokens, hidden]
+        # A query at position p sees keys 0..p: causal within the prompt, everything cached
+        # before. [batch, 1, seq, kv_len], built once and shared by every layer.
+        visible = (torch.arange(ctx.kv_len, device=h.device)[None, None, :]
+                   <= ctx.positions[:, :, None])[:, None]
         residual = None
         for layer in self.layers:
-            h, residual = layer(h, residual, self.cos_sin, ctx, cache)
+            h, residual = layer(h, residual, self.cos_sin, ctx, cache, visible)
         h, _ = self.norm(h, residual)
         return h.view(*input_ids.shape, -1)
 
