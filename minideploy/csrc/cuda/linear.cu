@@ -52,6 +52,10 @@ __device__ __forceinline__ void unpack(const uint4& v, const __nv_bfloat16*, flo
   }
 }
 
+// torch builds with the implicit half/bfloat16 conversions switched off: convert explicitly.
+__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
@@ -99,7 +103,7 @@ __global__ void gemv_kernel(const T* __restrict__ x, const T* __restrict__ weigh
 #pragma unroll
   for (int m = 0; m < kM; ++m) {
     const float total = warp_sum(acc[m]);
-    if (lane == 0 && m < m_size) out[static_cast<int64_t>(m) * n_size + row] = static_cast<T>(total);
+    if (lane == 0 && m < m_size) store(out + static_cast<int64_t>(m) * n_size + row, total);
   }
 }
 
