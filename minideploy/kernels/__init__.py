@@ -30,7 +30,10 @@ NORM_ROPE = "norm_rope"  # the extension holding rms_norm, add_rms_norm and rope
 LINEAR = "linear"  # the small-batch linear (GEMV), CPU and CUDA
 # Above this many tokens a linear is a matrix product with weight reuse: BLAS's job.
 GEMV_MAX_TOKENS = 16
-GEMV_MAX_TOKENS_CUDA = 8
+# On an H100 the CUDA GEMV beat cuBLAS at 1 token (7B decode 163.9 vs 160.1 tok/s) but
+# ran at half its speed at 8 (574 vs 1158 tok/s; figures/decode_h100.json and the commit
+# that added it): each extra row re-reads activations per weight pack. Batch 1 only, then.
+GEMV_MAX_TOKENS_CUDA = 1
 
 
 def _mode() -> str:
@@ -98,8 +101,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [tokens, in] @ weight[out, in]^T -> [tokens, out].
 
     A decode step (a few tokens) uses the GEMV kernels: on the CPU up to 16
-    tokens in any float dtype; on a GPU up to 8 tokens in fp16/bf16 with
-    16-byte aligned rows. Everything else is torch's matmul (cuBLAS on a GPU),
+    tokens in any float dtype; on a GPU one token in fp16/bf16 with 16-byte
+    aligned rows (the kernel itself accepts up to 8). Everything else is torch's matmul (cuBLAS on a GPU),
     which is also the reference.
     """
     if x.dim() == 2 and _gemv_fits(x, weight):
