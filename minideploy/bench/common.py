@@ -86,10 +86,7 @@ def load_result(name: str) -> dict:
 
 
 def bar_plot(path: Path, labels: list[str], values: list[float], ylabel: str, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # headless machines get the Agg backend by default
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bars = ax.bar(labels, values, color=["#999999"] + ["#1f77b4"] * (len(values) - 1))
@@ -126,10 +123,6 @@ def roofline_plot(path: Path | None, roofs: list[dict], points: list[dict], titl
     flops_per_s and optional batch (printed beside the first group's points).
     Saves to `path` if given; draws on `ax` if given (a notebook cell); returns the axes.
     """
-    import matplotlib
-
-    if ax is None:
-        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
     import numpy as np
@@ -174,6 +167,6 @@ def roofline_plot(path: Path | None, roofs: list[dict], points: list[dict], titl
     if path is not None:
         ax.figure.tight_layout()
         ax.figure.savefig(path, dpi=120)
-    if fig is not None:
-        plt.close(fig)
+        if fig is not None:  # saved to a file: free it; otherwise leave it for the notebook to show
+            plt.close(fig)
     return ax

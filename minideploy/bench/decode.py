@@ -168,7 +168,7 @@ def bench_cuda(args) -> dict:
     }
     tag = device_tag(device)
     path = write_result(f"decode_{tag}", result, device)
-    plot_cuda(FIGURES / f"decode_{tag}.png", result, batches)
+    plot_cuda({**result, "provenance": {"device": torch.cuda.get_device_name()}}, FIGURES / f"decode_{tag}.png")
     print(f"bs1: {bs1:.1f} tok/s = {100 * bs1 / limit:.1f}% of the weight-streaming limit "
           f"{limit:.1f} tok/s ({bandwidth['copy_bytes_per_s'] / 1e12:.2f} TB/s copy); "
           f"{result['bs1_speedup_vs_hf']:.1f}x HF generate -> {path}")
@@ -186,13 +186,16 @@ def time_hf_batch(hf, ids: list[list[int]], new_tokens: int) -> tuple[float, lis
     return time.perf_counter() - start, []
 
 
-def plot_cuda(path, result: dict, batches: list[int]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def plot_cuda(result: dict, path=None, ax=None):
+    """Decode tokens/s against batch size from a decode_<gpu>.json (also used by notebook 02)."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    batches = sorted(int(b) for b in result["native"])
+    result = {**result, "native": {int(b): v for b, v in result["native"].items()},
+              "hf_generate": {int(b): v for b, v in result["hf_generate"].items()}}
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.plot(batches, [result["native"][b]["graph"]["tokens_per_s"] for b in batches], "o-",
             label="minideploy (CUDA graphs)")
     eager = [b for b in batches if "eager" in result["native"][b]]
@@ -209,9 +212,11 @@ def plot_cuda(path, result: dict, batches: list[int]) -> None:
     ax.set_title(f"{result['model_shape']} {result['dtype']} decode on {result['provenance']['device']}"
                  if "provenance" in result else f"{result['model_shape']} decode", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    if path is not None and fig is not None:
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return ax
 
 
 def main(argv=None) -> dict:
