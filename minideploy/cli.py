@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from .config import EngineConfig, GenerationConfig
@@ -112,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # Say what slow one-time steps (model conversion, kernel builds) are doing.
+    logging.basicConfig(format="minideploy: %(message)s", level=logging.WARNING)
+    logging.getLogger("minideploy").setLevel(logging.INFO)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, TypeError) as err:

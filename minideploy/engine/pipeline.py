@@ -36,6 +36,13 @@ class Pipeline:
         self.tokenizer = self.loaded.tokenizer
         session_len = self.engine_config.session_len or self.loaded.config.max_position_embeddings
         self.generator = Generator(self.loaded.model, self.tokenizer, self.loaded.config, session_len)
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """One prefill and one decode step, so kernels compile (once per machine) before any timing."""
+        config = GenerationConfig(max_new_tokens=2, ignore_eos=True)
+        for _ in self.generator.stream([[0]], [config]):
+            pass
 
     @property
     def session_len(self) -> int:

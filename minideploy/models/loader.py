@@ -124,26 +124,26 @@ def materialize_default_model() -> ModelSource:
     return ModelSource("hf", target)
 
 
+def _from_pretrained(auto_class, source: ModelSource, what: str):
+    """`auto_class.from_pretrained` on a directory or a GGUF file, with one clear error."""
+    try:
+        if source.kind == "gguf":
+            return auto_class.from_pretrained(source.directory, gguf_file=source.path.name)
+        return auto_class.from_pretrained(source.path)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelNotFoundError(f"{source.path}: could not load {what} ({err})") from err
+
+
 def load_hf_config(source: ModelSource):
     from transformers import AutoConfig
 
-    try:
-        if source.kind == "gguf":
-            return AutoConfig.from_pretrained(source.directory, gguf_file=source.path.name)
-        return AutoConfig.from_pretrained(source.path)
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelNotFoundError(f"{source.path}: could not read the model config ({err})") from err
+    return _from_pretrained(AutoConfig, source, "the model config")
 
 
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
-    try:
-        if source.kind == "gguf":
-            return AutoTokenizer.from_pretrained(source.directory, gguf_file=source.path.name)
-        return AutoTokenizer.from_pretrained(source.path)
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelNotFoundError(f"{source.path}: could not load a tokenizer ({err})") from err
+    return _from_pretrained(AutoTokenizer, source, "a tokenizer")
 
 
 def load_state_dict(source: ModelSource) -> dict[str, torch.Tensor]:

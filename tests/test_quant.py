@@ -1,0 +1,82 @@
+"""Chapter 3 pure functions: RTN round trips, AWQ packing, the group-size contract."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minideploy.config import ModelConfig
+from minideploy.models import random_model
+from minideploy.quant import decoder_linears, fake_quantize_model_
+from minideploy.quant.pack import ORDER, from_awq, pack_int4, to_awq, unpack_int4
+from minideploy.quant.rtn import dequantize, quantize
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_rtn_error_is_at_most_half_a_step(bits, group_size):
+    w = torch.randn(24, 256) * torch.rand(24, 1) * 3
+    q, scales, zeros = quantize(w, bits, group_size)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 2**bits - 1
+    assert scales.shape == zeros.shape == (24, 256 // group_size)
+    err = (dequantize(q, scales, zeros) - w).abs().reshape(24, -1, group_size)
+    assert (err <= scales[..., None] / 2 + 1e-6).all()
+    # group extremes are representable: the error at max and min is within rounding of zero points
+    assert err.max() > 0
+
+
+def test_rtn_is_exact_on_grid_values():
+    scale, zero = 0.25, 3
+    q = torch.randint(0, 16, (4, 64), dtype=torch.uint8)
+    q[:, ::32] = 0  # each group spans the whole grid: min and max present
+    q[:, 1::32] = 15
+    w = (q.float() - zero) * scale
+    q2, s2, z2 = quantize(w, 4, 32)
+    assert torch.equal(dequantize(q2, s2, z2), w)
+
+
+@pytest.mark.parametrize("bad", [128, 100, 0])
+def test_group_size_must_divide_in_features(bad):
+    with pytest.raises(ValueError, match=r"layers\.3\.mlp\.down: group size .* in_features=576.*64, 32"):
+        quantize(torch.randn(8, 576), 4, bad, "layers.3.mlp.down")
+
+
+def test_bits_are_checked():
+    with pytest.raises(ValueError, match="w_bits"):
+        quantize(torch.randn(8, 64), 5, 32)
+
+
+@given(st.integers(1, 6), st.integers(1, 5))
+@settings(max_examples=25, deadline=None)
+def test_pack_unpack_round_trip(rows, words):
+    values = torch.randint(0, 16, (rows, 8 * words), dtype=torch.uint8)
+    packed = pack_int4(values)
+    assert packed.dtype == torch.int32 and packed.shape == (rows, words)
+    assert torch.equal(unpack_int4(packed), values)
+
+
+def test_pack_follows_awq_nibble_order():
+    values = torch.arange(8, dtype=torch.uint8)[None]  # column c holds the value c
+    word = int(pack_int4(values)[0, 0]) & 0xFFFFFFFF
+    assert [(word >> (4 * i)) & 0xF for i in range(8)] == list(ORDER)
+
+
+def test_awq_format_round_trip():
+    q, scales, zeros = quantize(torch.randn(48, 128), 4, 64)
+    awq = to_awq(q, scales, zeros)
+    assert awq["qweight"].shape == (128, 6) and awq["qzeros"].shape == (2, 6)
+    assert awq["scales"].shape == (2, 48) and awq["scales"].dtype == torch.float16
+    q2, scales2, zeros2 = from_awq(**awq)
+    assert torch.equal(q2, q) and torch.equal(zeros2, zeros)
+    assert torch.allclose(scales2, scales, rtol=1e-3)
+
+
+def test_fake_quantize_model_touches_only_decoder_linears():
+    config = ModelConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=16, max_position_embeddings=32)
+    model = random_model(config, torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fake_quantize_model_(model, 4, 32)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {f"{name}.weight" for name, _ in decoder_linears(model)}
+    with pytest.raises(ValueError, match="layers.0.attn.qkv: group size 128"):
+        fake_quantize_model_(random_model(config, torch.float32), 4, 128)
