@@ -80,3 +80,55 @@ def test_fake_quantize_model_touches_only_decoder_linears():
     assert changed == {f"{name}.weight" for name, _ in decoder_linears(model)}
     with pytest.raises(ValueError, match="layers.0.attn.qkv: group size 128"):
         fake_quantize_model_(random_model(config, torch.float32), 4, 128)
+
+
+def outlier_model(heads=(4, 2)):
+    """A tiny random Llama whose residual stream has a few large channels, as trained LLMs do."""
+    from minideploy.models.llama import rope_cos_sin
+
+    config = ModelConfig(vocab_size=211, hidden_size=128, intermediate_size=192, num_layers=2,
+                         num_heads=heads[0], num_kv_heads=heads[1], head_dim=32, max_position_embeddings=64)
+    model = random_model(config, torch.float32, seed=3)
+    with torch.no_grad():
+        model.embed.weight.mul_(20.0)  # embeddings of norm ~ 1 before the RMSNorms
+        for layer in model.layers:
+            layer.attn_norm.weight[:4] *= 30.0  # salient input channels of q/k/v
+            layer.mlp_norm.weight[:4] *= 30.0   # ... and of gate/up
+    model.cos_sin = rope_cos_sin(config, 64)
+    return model
+
+
+def logits_error(model, reference, ids):
+    from minideploy.models import KVCache, ForwardContext
+
+    def logits(m):
+        cache = KVCache(m.config, ids.shape[0], ids.shape[1], torch.float32, "cpu")
+        ctx = ForwardContext(torch.arange(ids.shape[1]).expand(ids.shape[0], -1), ids.shape[1])
+        return m.logits(m(ids, ctx, cache))
+    with torch.inference_mode():
+        return (logits(model) - logits(reference)).pow(2).mean().item()
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4)], ids=["gqa", "mha"])
+def test_awq_beats_rtn_when_activations_have_outliers(heads):
+    import copy
+
+    from minideploy.quant.awq import AWQConfig, awq_quantize_model_
+
+    reference = outlier_model(heads)
+    gen = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, 211, (8, 32), generator=gen)
+    held_out = torch.randint(0, 211, (4, 32), generator=gen)
+    rtn = fake_quantize_model_(copy.deepcopy(reference), 3, 32)
+    awq = copy.deepcopy(reference)
+    reports = awq_quantize_model_(awq, calib, AWQConfig(w_bits=3, group_size=32, search_samples=4), progress=False)
+    assert ("vo_alpha" in reports[0]) == (heads[0] == heads[1])  # v→o only without GQA
+    assert any(r["qkv_alpha"] > 0 for r in reports)  # the outliers were found worth protecting
+    assert logits_error(awq, reference, held_out) < logits_error(rtn, reference, held_out)
+
+
+def test_awq_rejects_group_sizes_that_do_not_divide():
+    from minideploy.quant.awq import AWQConfig, awq_quantize_model_
+
+    with pytest.raises(ValueError, match="group size 48"):
+        awq_quantize_model_(outlier_model(), torch.zeros(2, 8, dtype=torch.long), AWQConfig(group_size=48))
