@@ -74,6 +74,16 @@ class LayerCalibration:
     def attention(self, x_normed: torch.Tensor) -> torch.Tensor:
         return self.layer.attn(x_normed, self.model.cos_sin, self.ctx, self.cache, self.visible)
 
+    def o_input(self, flat: torch.Tensor) -> torch.Tensor:
+        """What the attention block feeds its o projection for residual stream `flat` (via a hook)."""
+        seen = {}
+        hook = self.layer.attn.o.register_forward_hook(lambda mod, args, out: seen.setdefault("x", args[0]))
+        try:
+            self.attention(self.layer.attn_norm(flat))
+        finally:
+            hook.remove()
+        return seen["x"]
+
     def forward_all(self) -> torch.Tensor:
         """The layer on every calibration sequence → the residual stream leaving it."""
         outputs = []
@@ -156,12 +166,7 @@ def awq_layer(cal: LayerCalibration, config: AWQConfig) -> dict:
 
     # v → o, only without GQA (see the module docstring).
     if c.num_heads == c.num_kv_heads:
-        x_normed = layer.attn_norm(cal.sub.reshape(-1, hidden))
-        attn_in = {}
-        hook = layer.attn.o.register_forward_hook(lambda mod, args, out: attn_in.setdefault("x", args[0]))
-        cal.attention(x_normed)
-        hook.remove()
-        o_in = attn_in["x"]
+        o_in = cal.o_input(cal.sub.reshape(-1, hidden))
         s, report["vo_alpha"], report["vo_losses"] = search_scale(
             [layer.attn.o], o_in, lambda: layer.attn.o(o_in), config)
         layer.attn.qkv.weight[c.q_size + c.kv_size:].div_(s[:, None])
@@ -188,12 +193,8 @@ def awq_layer(cal: LayerCalibration, config: AWQConfig) -> dict:
     # Clipping: o, gate_up, down. q/k are left alone (their error is amplified by the
     # softmax, as llm-awq observed), hence the fused qkv as a whole.
     mlp_in, _ = layer.mlp_norm(attn_out, flat)
-    o_in = {}
-    hook = layer.attn.o.register_forward_hook(lambda mod, args, out: o_in.setdefault("x", args[0]))
-    cal.attention(layer.attn_norm(flat))
-    hook.remove()
     gate, up = layer.mlp.gate_up(mlp_in).chunk(2, dim=-1)
-    apply_clip(layer.attn.o, o_in["x"], config)
+    apply_clip(layer.attn.o, cal.o_input(flat), config)
     apply_clip(layer.mlp.gate_up, mlp_in, config)
     apply_clip(layer.mlp.down, torch.nn.functional.silu(gate) * up, config)
     return report
