@@ -176,7 +176,7 @@ def test_bench_writes_json_and_png_on_cpu(tmp_path, monkeypatch):
     bench.main(["--device", "cpu", "--batches", "1,16", "--repeats", "2"])
     result = json.loads((tmp_path / "roofline_cpu.json").read_text())
     assert (tmp_path / "roofline_cpu.png").stat().st_size > 0
-    assert result["small_shapes"] and result["provenance"]["command"]
+    assert result["small_shapes"] and result["command"]
     assert len(result["points"]) == 4 and all(len(p["seconds"]) == 2 for p in result["points"])
     assert result["points"][0]["k"] == 512 // bench.CPU_SCALE
 

@@ -77,7 +77,8 @@ def summarize(samples: list[float]) -> dict:
 def write_result(name: str, result: dict, device: torch.device | str) -> Path:
     FIGURES.mkdir(parents=True, exist_ok=True)
     path = FIGURES / f"{name}.json"
-    path.write_text(json.dumps({"provenance": provenance(device), **result}, indent=2) + "\n")
+    # Provenance first, at the top level: anyone opening the file sees where it came from.
+    path.write_text(json.dumps({**provenance(device), **result}, indent=2) + "\n")
     return path
 
 

@@ -27,7 +27,7 @@ from ..memory import weight_bytes
 from ..models import KVCache, load_model, random_model
 from ..models.shapes import MODEL_SHAPES
 from ..roofline import measure_bandwidth
-from .common import FIGURES, bar_plot, device_tag, summarize, write_result
+from .common import FIGURES, bar_plot, device_tag, load_result, summarize, write_result
 from .timing import describe, time_fn
 
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -168,7 +168,8 @@ def bench_cuda(args) -> dict:
     }
     tag = device_tag(device)
     path = write_result(f"decode_{tag}", result, device)
-    plot_cuda({**result, "provenance": {"device": torch.cuda.get_device_name()}}, FIGURES / f"decode_{tag}.png")
+    result = load_result(f"decode_{tag}")  # the plot shows exactly what the JSON holds
+    plot_cuda(result, FIGURES / f"decode_{tag}.png")
     print(f"bs1: {bs1:.1f} tok/s = {100 * bs1 / limit:.1f}% of the weight-streaming limit "
           f"{limit:.1f} tok/s ({bandwidth['copy_bytes_per_s'] / 1e12:.2f} TB/s copy); "
           f"{result['bs1_speedup_vs_hf']:.1f}x HF generate -> {path}")
@@ -209,8 +210,7 @@ def plot_cuda(result: dict, path=None, ax=None):
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
     ax.set_ylabel("decode tokens/s (all sequences)")
-    ax.set_title(f"{result['model_shape']} {result['dtype']} decode on {result['provenance']['device']}"
-                 if "provenance" in result else f"{result['model_shape']} decode", fontsize=9)
+    ax.set_title(f"{result['model_shape']} {result['dtype']} decode on {result['device']}", fontsize=9)
     ax.legend(fontsize=8)
     if path is not None and fig is not None:
         fig.tight_layout()

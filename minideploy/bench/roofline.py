@@ -70,7 +70,7 @@ def roofs_of(result: dict) -> list[dict]:
 def plot_result(result: dict, path=None, ax=None):
     """Draw a roofline JSON (this module's output) — also what the chapter-2 notebook calls."""
     scaled = f", shapes / {result['shape_scale']} (CPU)" if result["small_shapes"] else ""
-    title = (f"{result['provenance']['device']}\n{result['dtype']} linears of Llama-2-7B, "
+    title = (f"{result['device']}\n{result['dtype']} linears of Llama-2-7B, "
              f"batch {result['batches'][0]}–{result['batches'][-1]}{scaled}")
     return roofline_plot(path, roofs_of(result), result["points"], title, ax=ax)
 
