@@ -94,6 +94,15 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_auto_awq(args) -> int:
+    from .quant.lite import auto_awq
+
+    out = auto_awq(args.model_path, args.work_dir, args.w_bits, args.w_group_size, args.calib_samples,
+                   args.calib_seqlen, args.calib_dataset, args.search_samples, args.device)
+    print(f"wrote {out} (W{args.w_bits} g{args.w_group_size}); run: minideploy chat {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minideploy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -108,6 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(gen)
     gen.add_argument("--prompt", "-p", required=True)
     gen.set_defaults(func=cmd_generate)
+
+    lite = sub.add_parser("lite", help="quantization (LMDeploy's `lite`)")
+    lite_sub = lite.add_subparsers(dest="lite_command", required=True, metavar="COMMAND")
+    awq = lite_sub.add_parser("auto_awq", help="AWQ weight-only quantization → an AutoAWQ-format checkpoint")
+    awq.add_argument("model_path", help="HF model directory, .gguf file, or 'default'")
+    awq.add_argument("--work-dir", required=True, help="where the quantized checkpoint is written")
+    awq.add_argument("--w-bits", type=int, default=4, choices=[3, 4])
+    awq.add_argument("--w-group-size", type=int, default=128,
+                     help="input features per scale/zero (the default model needs 64 or 32: 576 = 9·64)")
+    awq.add_argument("--calib-samples", type=int, default=128)
+    awq.add_argument("--calib-seqlen", type=int, default=512)
+    awq.add_argument("--calib-dataset", default=None,
+                     help="a UTF-8 text file (default: the calibration split of pydoc_data.topics)")
+    awq.add_argument("--search-samples", type=int, default=16,
+                     help="calibration sequences that score each scale/clip candidate (statistics use all)")
+    awq.add_argument("--device", default="cpu", help="cpu or cuda[:N] (calibration runs in float32)")
+    awq.set_defaults(func=cmd_auto_awq)
     return parser
 
 

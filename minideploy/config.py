@@ -26,6 +26,45 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class QuantConfig:
+    """Weight-only quantization of the decoder linears: AutoAWQ's `quantization_config`.
+
+    Values are stored one per 4-bit nibble (AutoAWQ's GEMM layout), so 3- and 4-bit
+    weights load; 8-bit weights are a different format that this engine does not run.
+    """
+
+    w_bits: int = 4
+    group_size: int = 128
+    method: str = "awq"
+
+    STORED_BITS = (3, 4)
+
+    def __post_init__(self):
+        if self.w_bits not in self.STORED_BITS:
+            raise ValueError(f"quantized checkpoints hold {' or '.join(map(str, self.STORED_BITS))}-bit "
+                             f"weights (one per 4-bit nibble), got w_bits={self.w_bits}")
+        if self.group_size <= 0:
+            raise ValueError(f"group_size must be positive, got {self.group_size}")
+
+    @classmethod
+    def from_hf(cls, quantization_config: dict) -> "QuantConfig":
+        q = dict(quantization_config)
+        method = q.get("quant_method", q.get("method"))
+        if method != "awq":
+            raise ValueError(f"unsupported quantization {method!r}: minideploy loads AWQ checkpoints")
+        if str(q.get("version", "gemm")).lower() != "gemm" or not q.get("zero_point", True):
+            raise ValueError(f"unsupported AWQ variant (version={q.get('version')!r}, "
+                             f"zero_point={q.get('zero_point')!r}): expected version 'gemm' with zero points")
+        return cls(w_bits=int(q.get("bits", q.get("w_bit", 4))),
+                   group_size=int(q.get("group_size", q.get("q_group_size", 128))))
+
+    def to_hf(self) -> dict:
+        """The `quantization_config` AutoAWQ and transformers read."""
+        return {"quant_method": self.method, "bits": self.w_bits, "group_size": self.group_size,
+                "zero_point": True, "version": "gemm"}
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
     hidden_size: int
@@ -41,6 +80,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple[int, ...] = ()
+    quant: Optional[QuantConfig] = None  # None: float decoder linears
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -86,6 +126,9 @@ class ModelConfig:
         eos = hf.eos_token_id
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         heads = hf.num_attention_heads
+        quant = getattr(hf, "quantization_config", None)
+        if quant is not None and not isinstance(quant, dict):
+            quant = quant.to_dict()
         return cls(
             vocab_size=hf.vocab_size,
             hidden_size=hf.hidden_size,
@@ -101,6 +144,7 @@ class ModelConfig:
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             bos_token_id=hf.bos_token_id,
             eos_token_ids=eos_ids,
+            quant=QuantConfig.from_hf(quant) if quant else None,
         )
 
 

@@ -113,7 +113,7 @@ def logits_error(model, reference, ids):
 def test_awq_beats_rtn_when_activations_have_outliers(heads):
     import copy
 
-    from minideploy.quant.awq import AWQConfig, awq_quantize_model_
+    from minideploy.quant.awq import AWQConfig, awq_search_
 
     reference = outlier_model(heads)
     gen = torch.Generator().manual_seed(0)
@@ -121,14 +121,15 @@ def test_awq_beats_rtn_when_activations_have_outliers(heads):
     held_out = torch.randint(0, 211, (4, 32), generator=gen)
     rtn = fake_quantize_model_(copy.deepcopy(reference), 3, 32)
     awq = copy.deepcopy(reference)
-    reports = awq_quantize_model_(awq, calib, AWQConfig(w_bits=3, group_size=32, search_samples=4), progress=False)
+    reports = awq_search_(awq, calib, AWQConfig(w_bits=3, group_size=32, search_samples=4), progress=False)
+    fake_quantize_model_(awq, 3, 32)
     assert ("vo_alpha" in reports[0]) == (heads[0] == heads[1])  # v→o only without GQA
     assert any(r["qkv_alpha"] > 0 for r in reports)  # the outliers were found worth protecting
     assert logits_error(awq, reference, held_out) < logits_error(rtn, reference, held_out)
 
 
 def test_awq_rejects_group_sizes_that_do_not_divide():
-    from minideploy.quant.awq import AWQConfig, awq_quantize_model_
+    from minideploy.quant.awq import AWQConfig, awq_search_
 
     with pytest.raises(ValueError, match="group size 48"):
-        awq_quantize_model_(outlier_model(), torch.zeros(2, 8, dtype=torch.long), AWQConfig(group_size=48))
+        awq_search_(outlier_model(), torch.zeros(2, 8, dtype=torch.long), AWQConfig(group_size=48))

@@ -18,7 +18,7 @@ import torch
 
 from ..models import load_model
 from ..quant import fake_quantize_model_
-from ..quant.awq import AWQConfig, awq_quantize_model_
+from ..quant.awq import AWQConfig, awq_search_
 from ..quant.data import token_windows, topics_text
 from ..quant.perplexity import perplexity
 from .common import write_result
@@ -63,7 +63,8 @@ def main(argv=None) -> dict:
         loaded.model.load_state_dict(float_state, strict=False)
         start = time.perf_counter()
         config = AWQConfig(w_bits=bits, group_size=group_size, search_samples=args.search_samples)
-        reports = awq_quantize_model_(loaded.model, calib, config)
+        reports = awq_search_(loaded.model, calib, config)
+        fake_quantize_model_(loaded.model, bits, group_size)
         calib_seconds = time.perf_counter() - start
         score("awq", bits, group_size)
         rows[-1].update(calib_seconds=calib_seconds,

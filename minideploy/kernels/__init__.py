@@ -22,7 +22,8 @@ import torch
 from minideploy.kernels import reference
 from minideploy.kernels.build import KernelBuildError, cuda_arch, load, try_load
 
-__all__ = ["rms_norm", "add_rms_norm", "rope", "linear", "backend_for", "KernelBuildError", "reference"]
+__all__ = ["rms_norm", "add_rms_norm", "rope", "linear", "w4a16_linear", "dequantize_w4", "backend_for",
+           "KernelBuildError", "reference"]
 
 ENV_VAR = "MINIDEPLOY_KERNELS"
 MODES = ("auto", "reference", "compiled")
@@ -34,6 +35,10 @@ GEMV_MAX_TOKENS = 16
 # ran at half its speed at 8 (574 vs 1158 tok/s; figures/decode_h100.json and the commit
 # that added it): each extra row re-reads activations per weight pack. Batch 1 only, then.
 GEMV_MAX_TOKENS_CUDA = 1
+W4A16 = "w4a16"  # int4-weight linear: GEMV for decode, dequantize + matmul beyond
+# Up to this many tokens the W4A16 GEMV (weights dequantized in registers, read once for
+# every token) is used; a longer prompt dequantizes the weight once and calls the matmul.
+W4A16_GEMV_MAX_TOKENS = 16
 
 
 def _mode() -> str:
@@ -119,3 +124,22 @@ def _gemv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
             and weight.is_contiguous() and x.shape[1] % 8 == 0
             and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
+
+
+def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor) -> torch.Tensor:
+    """x [tokens, K] @ W^T with W stored as int4 (layout: `reference.check_w4a16_args`)."""
+    ext = _extension(W4A16, x.device)
+    if ext is None:
+        return reference.w4a16_linear(x, qweight, scales, zeros)
+    if x.dim() == 2 and x.shape[0] <= W4A16_GEMV_MAX_TOKENS:
+        return ext.gemv(x.contiguous(), qweight, scales, zeros)
+    return torch.nn.functional.linear(x, ext.dequantize(qweight, scales, zeros))
+
+
+def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """The float weight [N, K] (scales' dtype) of a W4A16 linear."""
+    ext = _extension(W4A16, qweight.device)
+    if ext is None:
+        return reference.dequantize_w4(qweight, scales, zeros)
+    return ext.dequantize(qweight, scales, zeros)

@@ -156,3 +156,69 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     check_rope_args(q, k, positions, cos_sin)
     cos, sin = cos_sin[positions.long()].unsqueeze(1).chunk(2, dim=-1)  # [num_tokens, 1, head_dim // 2]
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+# --- W4A16: int4 weights, float activations (chapter 3) --------------------------------
+#
+# The kernel layout of a quantized nn.Linear [N out, K in] with groups of g input features:
+#     qweight [N, K / 8] int32   word j of row n holds weights k = 8j .. 8j+7, nibble i
+#                                holding k = 8j + W4_ORDER[i] (AutoAWQ's interleave, along K)
+#     scales  [N, K / g]         x's dtype
+#     zeros   [N, K / g]         x's dtype, integer values (the zero point)
+#     w[n, k] = (q[n, k] - zeros[n, k // g]) * scales[n, k // g]
+# g must be a multiple of 32 (one 16-byte load of a row never straddles two groups).
+W4_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+W4_GROUP_MULTIPLE = 32
+
+
+def check_w4a16_args(op: str, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     x: torch.Tensor | None = None) -> None:
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        _fail(f"{op}: qweight must be 2-D int32 [out_features, in_features / 8], "
+              f"got {dtype_name(qweight.dtype)} {_shape(qweight)}")
+    n, k = qweight.shape[0], qweight.shape[1] * 8
+    _check_float(op, "scales", scales)
+    if scales.dim() != 2 or scales.shape[0] != n or scales.shape[1] == 0 or k % scales.shape[1]:
+        _fail(f"{op}: scales must have shape [out_features={n}, groups] with groups dividing "
+              f"in_features={k}, got {_shape(scales)}")
+    group = k // scales.shape[1]
+    if group % W4_GROUP_MULTIPLE:
+        _fail(f"{op}: group size {group} (in_features {k} / {scales.shape[1]} groups) must be a "
+              f"multiple of {W4_GROUP_MULTIPLE}")
+    _check_like(op, "zeros", zeros, "scales", scales)
+    if zeros.shape != scales.shape:
+        _fail(f"{op}: zeros must have the shape of scales {_shape(scales)}, got {_shape(zeros)}")
+    if qweight.device != scales.device:
+        _fail(f"{op}: qweight must be on scales' device {scales.device}, got {qweight.device}")
+    for arg, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        _check_contiguous(op, arg, t)
+    if x is not None:
+        _check_like(op, "x", x, "scales", scales)
+        if x.dim() != 2 or x.shape[1] != k:
+            _fail(f"{op}: x must be 2-D [tokens, in_features={k}], got shape {_shape(x)}")
+        _check_contiguous(op, "x", x)
+
+
+def unpack_w4(qweight: torch.Tensor) -> torch.Tensor:
+    """[N, K / 8] int32 words → [N, K] int32 values 0..15 in k order."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)
+    nibbles = (qweight[..., None] >> shifts) & 0xF  # [N, K/8, 8], nibble order
+    inverse = [W4_ORDER.index(i) for i in range(8)]
+    return nibbles[..., inverse].reshape(qweight.shape[0], -1)
+
+
+def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """The float weight [N, K] (scales' dtype) that a W4A16 linear multiplies by."""
+    check_w4a16_args("dequantize_w4", qweight, scales, zeros)
+    q = unpack_w4(qweight).float()
+    n, k = q.shape
+    groups = scales.shape[1]
+    w = (q.view(n, groups, -1) - zeros.float()[..., None]) * scales.float()[..., None]
+    return w.view(n, k).to(scales.dtype)
+
+
+def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ dequantize_w4(...)^T → [M, N] in x's dtype."""
+    check_w4a16_args("w4a16_linear", qweight, scales, zeros, x)
+    return torch.nn.functional.linear(x, dequantize_w4(qweight, scales, zeros))

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 
 from ..config import ModelConfig
+from ..quant import use_w4a16_linears_
 from .llama import ForwardContext, KVCache, LlamaModel, rope_cos_sin
 from .loader import (DEFAULT_MODEL_NAME, ModelNotFoundError, ModelSource, load_hf_config,
                      load_state_dict, load_tokenizer, model_config_of, resolve_model_path)
@@ -32,6 +33,8 @@ def load_model(model_path: Optional[str | os.PathLike] = None, dtype: torch.dtyp
     tokenizer = load_tokenizer(source)
     with torch.device("meta"):  # no memory, no random init: the checkpoint fills every weight
         model = LlamaModel(config, max_positions)
+        if config.quant is not None:
+            use_w4a16_linears_(model, config.quant)
     model = model.to_empty(device=device).to(dtype)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight  # to_empty() unties shared parameters

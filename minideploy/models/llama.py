@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import ModelConfig
+from ..quant.linear import fused_from_awq
 
 
 @dataclass(frozen=True)
@@ -211,16 +212,14 @@ class LlamaModel(nn.Module):
             mapped["lm_head.weight"] = head
         for i in range(self.config.num_layers):
             p = f"layers.{i}."
-            take = lambda name: state.pop(p + name)  # noqa: E731
-            mapped[p + "attn.qkv.weight"] = torch.cat(
-                [take("self_attn.q_proj.weight"), take("self_attn.k_proj.weight"),
-                 take("self_attn.v_proj.weight")])
-            mapped[p + "attn.o.weight"] = take("self_attn.o_proj.weight")
-            mapped[p + "mlp.gate_up.weight"] = torch.cat(
-                [take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")])
-            mapped[p + "mlp.down.weight"] = take("mlp.down_proj.weight")
-            mapped[p + "attn_norm.weight"] = take("input_layernorm.weight")
-            mapped[p + "mlp_norm.weight"] = take("post_attention_layernorm.weight")
+            for target, parts in (("attn.qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                                  ("attn.o", ("self_attn.o_proj",)),
+                                  ("mlp.gate_up", ("mlp.gate_proj", "mlp.up_proj")),
+                                  ("mlp.down", ("mlp.down_proj",))):
+                for suffix, tensor in _fused(state, [p + part for part in parts]).items():
+                    mapped[f"{p}{target}.{suffix}"] = tensor
+            mapped[p + "attn_norm.weight"] = state.pop(p + "input_layernorm.weight")
+            mapped[p + "mlp_norm.weight"] = state.pop(p + "post_attention_layernorm.weight")
         leftover = [k for k in state if "rotary_emb" not in k]
         if leftover:
             raise KeyError(f"unexpected weights in the checkpoint: {leftover[:5]}")
@@ -228,3 +227,16 @@ class LlamaModel(nn.Module):
         missing = [k for k in missing if not (k == "lm_head.weight" and self.config.tie_word_embeddings)]
         if missing or unexpected:
             raise KeyError(f"weights missing {missing[:5]} / unexpected {unexpected[:5]}")
+
+
+AWQ_TENSORS = ("qweight", "qzeros", "scales")
+
+
+def _fused(state: dict[str, torch.Tensor], parts: list[str]) -> dict[str, torch.Tensor]:
+    """Pop the HF tensors of q/k/v (or gate/up, or one projection) and concatenate their rows:
+    float weights directly, AutoAWQ int4 tensors through the kernel layout."""
+    if all(f"{part}.weight" in state for part in parts):
+        return {"weight": torch.cat([state.pop(f"{part}.weight") for part in parts])}
+    if all(f"{part}.qweight" in state for part in parts):
+        return fused_from_awq([{name: state.pop(f"{part}.{name}") for name in AWQ_TENSORS} for part in parts])
+    raise KeyError(f"{parts[0]}: neither a float .weight nor AutoAWQ .qweight/.qzeros/.scales in the checkpoint")

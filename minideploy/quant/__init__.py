@@ -1,18 +1,22 @@
-"""Chapter 3: weight-only quantization (RTN now; AWQ search and W4A16 kernels build on it)."""
+"""Chapter 3: weight-only quantization — RTN, AWQ's search, and int4 W4A16 linears."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from ..models.llama import LlamaModel, Linear
+from ..config import QuantConfig
+from .linear import W4A16Linear
 from .rtn import check_group_size, dequantize, fake_quantize, quantize
 
-__all__ = ["check_group_size", "decoder_linears", "dequantize", "fake_quantize", "fake_quantize_model_",
-           "quantize"]
+if TYPE_CHECKING:  # models import this package (W4A16Linear): no import back at run time
+    from ..models.llama import LlamaModel
+
+__all__ = ["QuantConfig", "W4A16Linear", "check_group_size", "decoder_linears", "dequantize",
+           "fake_quantize", "fake_quantize_model_", "quantize", "quantize_model_", "use_w4a16_linears_"]
 
 
-def decoder_linears(model: LlamaModel) -> Iterator[tuple[str, Linear]]:
+def decoder_linears(model: LlamaModel) -> Iterator[tuple[str, torch.nn.Module]]:
     """The linears that weight-only quantization replaces: q/k/v/o and gate/up/down of every layer.
 
     Embeddings and the LM head stay in float (they are one lookup and one matmul,
@@ -25,12 +29,44 @@ def decoder_linears(model: LlamaModel) -> Iterator[tuple[str, Linear]]:
             yield f"layers.{i}.{name}", module
 
 
+def _check_all(model: LlamaModel, group_size: int) -> list[tuple[str, torch.nn.Module]]:
+    """Check every layer before touching any: a failure leaves the model as it was."""
+    linears = list(decoder_linears(model))
+    for name, module in linears:
+        check_group_size(module.in_features, group_size, name)
+    return linears
+
+
+def _replace(model: LlamaModel, name: str, module: torch.nn.Module) -> None:
+    parent, attr = name.rsplit(".", 1)
+    setattr(model.get_submodule(parent), attr, module)
+
+
 @torch.no_grad()
 def fake_quantize_model_(model: LlamaModel, bits: int, group_size: int) -> LlamaModel:
     """Replace every decoder linear's weight by its RTN round trip, in place."""
-    linears = list(decoder_linears(model))
-    for name, module in linears:  # check every layer before touching any
-        check_group_size(module.in_features, group_size, name)
-    for name, module in linears:
+    for name, module in _check_all(model, group_size):
         module.weight.copy_(fake_quantize(module.weight, bits, group_size, name))
+    return model
+
+
+@torch.no_grad()
+def quantize_model_(model: LlamaModel, quant: QuantConfig) -> LlamaModel:
+    """Swap every decoder linear for a W4A16Linear holding its RTN-quantized weight.
+
+    After `awq.awq_search_` the float weights are already scaled and clipped, so
+    this is the last step of AWQ too.
+    """
+    for name, module in _check_all(model, quant.group_size):
+        _replace(model, name, W4A16Linear.from_float(module.weight, quant.w_bits, quant.group_size, name))
+    return model
+
+
+def use_w4a16_linears_(model: LlamaModel, quant: QuantConfig) -> LlamaModel:
+    """Swap every decoder linear for an empty W4A16Linear (a checkpoint fills it)."""
+    for name, module in _check_all(model, quant.group_size):
+        device = next(module.parameters()).device
+        with torch.device(device):
+            _replace(model, name, W4A16Linear(module.in_features, module.out_features,
+                                              quant.w_bits, quant.group_size, name))
     return model

@@ -201,11 +201,13 @@ def awq_layer(cal: LayerCalibration, config: AWQConfig) -> dict:
 
 
 @torch.no_grad()
-def awq_quantize_model_(model: LlamaModel, calib_ids: torch.Tensor, config: AWQConfig,
-                        progress: bool = True) -> list[dict]:
-    """Search AWQ scales and clips layer by layer, then fake-quantize every decoder linear.
+def awq_search_(model: LlamaModel, calib_ids: torch.Tensor, config: AWQConfig,
+                progress: bool = True) -> list[dict]:
+    """Search AWQ scales and clips layer by layer; the weights stay float (scaled and clipped).
 
-    calib_ids [samples, seq] token ids. Float32 models only (the search needs the precision).
+    Quantizing them afterwards (`quant.quantize_model_`, or `fake_quantize_model_`
+    to measure) completes AWQ. calib_ids [samples, seq] token ids. Float32 models
+    only (the search needs the precision).
     """
     if model.embed.weight.dtype != torch.float32:
         raise ValueError("AWQ calibration runs on a float32 model")
@@ -219,6 +221,4 @@ def awq_quantize_model_(model: LlamaModel, calib_ids: torch.Tensor, config: AWQC
         cal = LayerCalibration(model, layer, x, cache)
         reports.append({"layer": i, **awq_layer(cal, config)})
         x = cal.forward_all()
-    for name, module in decoder_linears(model):
-        module.weight.copy_(fake_quantize(module.weight, config.w_bits, config.group_size, name))
     return reports

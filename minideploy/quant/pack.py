@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+from ..kernels.reference import W4_ORDER as ORDER, unpack_w4
+
 PACK = 8  # 4-bit values per int32
 
 
@@ -24,18 +25,14 @@ def pack_int4(values: torch.Tensor) -> torch.Tensor:
     if cols % PACK:
         raise ValueError(f"pack_int4: columns must be a multiple of 8, got {cols}")
     v = values.to(torch.int64).reshape(rows, cols // PACK, PACK)[..., list(ORDER)]
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=values.device)
     words = (v << shifts).sum(-1)  # disjoint bits: the sum is an OR
     return (words - (words >> 31 << 32)).to(torch.int32)  # as a signed 32-bit word
 
 
 def unpack_int4(words: torch.Tensor) -> torch.Tensor:
     """Inverse of `pack_int4`: [rows, cols / 8] int32 → [rows, cols] uint8."""
-    rows, packed = words.shape
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
-    nibbles = (words.to(torch.int64)[..., None] >> shifts) & 0xF  # [rows, packed, 8] in AWQ order
-    inverse = [ORDER.index(i) for i in range(PACK)]
-    return nibbles[..., inverse].reshape(rows, packed * PACK).to(torch.uint8)
+    return unpack_w4(words).to(torch.uint8)
 
 
 def to_awq(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> dict[str, torch.Tensor]:

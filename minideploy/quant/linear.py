@@ -1,0 +1,74 @@
+"""W4A16Linear: a decoder linear whose weight is stored as 4-bit integers in groups.
+
+A decode step streams every weight once per token, so its speed is bytes over
+bandwidth: int4 weights with one scale and zero point per group of g input
+features stream ~3.6x fewer bytes than fp16 (4 bits + 2·16/g bits per weight).
+The kernels dequantize in registers (`kernels.w4a16_linear`); the layout is
+`kernels.reference.check_w4a16_args`'s, AutoAWQ's nibble order along in_features.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import kernels
+from .pack import from_awq, pack_int4, to_awq, unpack_int4
+from .rtn import check_group_size, quantize
+
+
+class W4A16Linear(nn.Module):
+    """y = x · dequant(qweight)ᵀ; the buffers follow the model's dtype (`.to(dtype)`), qweight stays int32."""
+
+    def __init__(self, in_features: int, out_features: int, w_bits: int, group_size: int,
+                 layer: str = "weight"):
+        super().__init__()
+        check_group_size(in_features, group_size, layer)
+        if group_size % kernels.reference.W4_GROUP_MULTIPLE:
+            raise ValueError(f"{layer}: group size {group_size} must be a multiple of "
+                             f"{kernels.reference.W4_GROUP_MULTIPLE} for the W4A16 kernels")
+        self.in_features, self.out_features = in_features, out_features
+        self.w_bits, self.group_size = w_bits, group_size
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 8, dtype=torch.int32))
+        self.register_buffer("scales", torch.empty(out_features, groups))
+        self.register_buffer("zeros", torch.empty(out_features, groups))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, w_bits: int, group_size: int,
+                   layer: str = "weight") -> "W4A16Linear":
+        """RTN-quantize a float weight [out, in] (after AWQ's scaling and clipping, if any)."""
+        module = cls(weight.shape[1], weight.shape[0], w_bits, group_size, layer).to(weight.device)
+        q, scales, zeros = quantize(weight, w_bits, group_size, layer)
+        module.set_quantized(q, scales, zeros)
+        return module.to(weight.dtype)
+
+    @torch.no_grad()
+    def set_quantized(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+        """q [out, in] integers, scales/zeros [out, in / g]: pack into the kernel layout."""
+        self.qweight.copy_(pack_int4(q))
+        self.scales.copy_(scales)
+        self.zeros.copy_(zeros)
+
+    def quantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q uint8 [out, in], scales float32, zeros uint8 [out, in / g]): what `to_awq` packs."""
+        return unpack_int4(self.qweight), self.scales.float(), self.zeros.round().to(torch.uint8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.w4a16_linear(x, self.qweight, self.scales, self.zeros)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"w_bits={self.w_bits}, group_size={self.group_size}")
+
+
+def awq_tensors(module: W4A16Linear, rows: list[int]) -> list[dict[str, torch.Tensor]]:
+    """Split a fused module's rows (e.g. q|k|v) into AutoAWQ GEMM tensors, one dict per part."""
+    q, scales, zeros = module.quantized()
+    return [to_awq(*parts) for parts in zip(q.split(rows), scales.split(rows), zeros.split(rows))]
+
+
+def fused_from_awq(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """AutoAWQ tensors of q, k, v (or gate, up) → the fused module's buffers (rows concatenated)."""
+    unpacked = [from_awq(p["qweight"], p["qzeros"], p["scales"]) for p in parts]
+    q, scales, zeros = (torch.cat(column) for column in zip(*unpacked))
+    return {"qweight": pack_int4(q), "scales": scales, "zeros": zeros.float()}
