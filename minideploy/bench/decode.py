@@ -5,13 +5,16 @@ is (N - 1) tokens over t(N new tokens) - t(1 new token), so prompt processing
 cancels out.
 
 CPU (default): the real default model at batch 1 through the engine's
-generator. Writes figures/decode_cpu.json.
+generator, float and then with its decoder linears in W4 (RTN g64 in memory).
+Writes figures/decode_cpu.json.
 
 CUDA with --model-shape (e.g. llama2-7b): random fp16 weights built on the
 GPU; native decode replays CUDA graphs (one per batch bucket) with the greedy
 token fed back on the device, timed with CUDA events; HF `generate` on a
 same-shaped model; and the weight-streaming limit, weight bytes over the
-measured copy bandwidth. Writes figures/decode_<gpu>.json.
+measured copy bandwidth; then the same model RTN-quantized to W4A16 (g128)
+and timed again (`--w4a16-group-size 0` skips it); `--profile` adds GPU time
+per kernel of a bs-1 step. Writes figures/decode_<gpu>.json.
 """
 from __future__ import annotations
 
@@ -20,12 +23,13 @@ import time
 
 import torch
 
-from ..config import GenerationConfig, ModelConfig
+from ..config import GenerationConfig, ModelConfig, QuantConfig
 from ..engine import Generator
 from ..engine.cuda_graphs import CUDAGraphDecoder
 from ..memory import weight_bytes
 from ..models import KVCache, load_model, random_model
 from ..models.shapes import MODEL_SHAPES
+from ..quant import quantize_model_
 from ..roofline import measure_bandwidth
 from .common import FIGURES, bar_plot, device_tag, load_result, summarize, write_result
 from .timing import describe, time_fn
@@ -97,6 +101,9 @@ def bench_cpu(args) -> dict:
 
     hf_result = decode_rate(lambda n: time_hf(hf, ids, n), args.new_tokens, args.repeats)
     native = decode_rate(lambda n: time_native(gen, ids, n), args.new_tokens, args.repeats)
+    quant = QuantConfig(4, args.w4_group_size)
+    quantize_model_(loaded.model, quant)  # RTN in memory: speed does not depend on how scales were found
+    w4 = decode_rate(lambda n: time_native(gen, ids, n), args.new_tokens, args.repeats)
     result = {
         "model": str(loaded.source.path), "dtype": args.dtype, "batch_size": 1,
         "prompt_tokens": len(ids), "new_tokens": args.new_tokens,
@@ -104,15 +111,18 @@ def bench_cpu(args) -> dict:
         "hf_generate": hf_result, "native": native,
         "speedup": native["tokens_per_s"] / hf_result["tokens_per_s"],
         "same_tokens": native["tokens"] == hf_result["tokens"],
+        "native_w4": {**w4, "w_bits": quant.w_bits, "group_size": quant.group_size,
+                      "note": "decoder linears RTN-quantized in memory; embeddings and LM head float"},
+        "w4_speedup_vs_float": w4["tokens_per_s"] / native["tokens_per_s"],
     }
     path = write_result("decode_cpu", result, "cpu")
-    bar_plot(FIGURES / "decode_cpu.png", ["HF generate", "minideploy"],
-             [hf_result["tokens_per_s"], native["tokens_per_s"]], "decode tokens/s (bs 1)",
-             f"{loaded.config.num_layers}-layer default model, {args.dtype}, CPU: "
-             f"{result['speedup']:.2f}x HF")
+    bar_plot(FIGURES / "decode_cpu.png", ["HF generate", "minideploy", f"minideploy W4 g{quant.group_size}"],
+             [hf_result["tokens_per_s"], native["tokens_per_s"], w4["tokens_per_s"]], "decode tokens/s (bs 1)",
+             f"{loaded.config.num_layers}-layer default model, {args.dtype} activations, CPU: "
+             f"{result['speedup']:.2f}x HF; W4 {result['w4_speedup_vs_float']:.2f}x float")
     print(f"HF generate {hf_result['tokens_per_s']:.1f} tok/s | minideploy "
           f"{native['tokens_per_s']:.1f} tok/s | speedup {result['speedup']:.2f}x | "
-          f"same greedy tokens: {result['same_tokens']} -> {path}")
+          f"same greedy tokens: {result['same_tokens']} | W4 {w4['tokens_per_s']:.1f} tok/s -> {path}")
     return result
 
 
@@ -127,26 +137,19 @@ def bench_cuda(args) -> dict:
 
     model = random_model(config, dtype, device, max_positions=max_len)
     cache = KVCache(config, max(batches), max_len, dtype, device)
-    graphs = CUDAGraphDecoder(model, cache, buckets=batches)
-    graphs.capture()
-    eager = CUDAGraphDecoder(model, cache, buckets=batches)  # never captured: the eager loop
-    native = {}
-    for batch in batches:
-        prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len), device=device)
-        first = graphs.prefill(prompts)
-        positions = torch.full((batch,), args.prompt_len, device=device)
-        row = {}
-        for name, decoder in (("graph", graphs), ("eager", eager)):
-            if name == "eager" and batch not in args.eager_batches:
-                continue
-            seconds = time_fn(lambda: decoder.greedy(first, positions, args.new_tokens), warmup=1,
-                              repeats=args.repeats, device=device)
-            row[name] = {"seconds": seconds, "step_ms": describe([1e3 * s / args.new_tokens for s in seconds]),
-                         "tokens_per_s": batch * args.new_tokens / describe(seconds)["median"]}
-        native[batch] = row
-        print(f"bs {batch:3d}: graph {row['graph']['tokens_per_s']:8.1f} tok/s"
-              + (f" | eager {row['eager']['tokens_per_s']:.1f}" if "eager" in row else ""), flush=True)
-    del graphs, eager, cache, model
+    native = time_graphs(model, cache, batches, args, "fp16")
+    kernel_profile = profile_step(model, cache, args) if args.profile else None
+    w4a16 = None
+    if args.w4a16_group_size:
+        quant = QuantConfig(4, args.w4a16_group_size)
+        quantize_model_(model, quant)  # RTN on the GPU; the fp16 decoder weights are freed
+        torch.cuda.empty_cache()
+        w4_bytes = model_bytes(model)
+        w4a16 = {"group_size": quant.group_size, "weight_bytes": w4_bytes,
+                 "weight_streaming_limit_tokens_per_s": bandwidth["copy_bytes_per_s"] / w4_bytes,
+                 "native": time_graphs(model, cache, batches, args, "w4a16"),
+                 "kernel_profile": profile_step(model, cache, args) if args.profile else None}
+    del cache, model
     torch.cuda.empty_cache()
 
     hf = hf_model_of_shape(config, dtype, device)
@@ -165,7 +168,13 @@ def bench_cuda(args) -> dict:
         "native": native, "hf_generate": hf_rows,
         "bs1_fraction_of_limit": bs1 / limit,
         "bs1_speedup_vs_hf": bs1 / hf_rows[batches[0]]["tokens_per_s"],
+        "kernel_profile": kernel_profile,
+        "w4a16": w4a16,
     }
+    if w4a16 is not None:
+        w4_bs1 = w4a16["native"][batches[0]]["graph"]["tokens_per_s"]
+        w4a16["bs1_speedup_vs_fp16"] = w4_bs1 / bs1
+        w4a16["bs1_fraction_of_limit"] = w4_bs1 / w4a16["weight_streaming_limit_tokens_per_s"]
     tag = device_tag(device)
     path = write_result(f"decode_{tag}", result, device)
     result = load_result(f"decode_{tag}")  # the plot shows exactly what the JSON holds
@@ -173,7 +182,58 @@ def bench_cuda(args) -> dict:
     print(f"bs1: {bs1:.1f} tok/s = {100 * bs1 / limit:.1f}% of the weight-streaming limit "
           f"{limit:.1f} tok/s ({bandwidth['copy_bytes_per_s'] / 1e12:.2f} TB/s copy); "
           f"{result['bs1_speedup_vs_hf']:.1f}x HF generate -> {path}")
+    if w4a16 is not None:
+        print(f"W4A16 g{w4a16['group_size']} bs1: {w4a16['bs1_speedup_vs_fp16']:.2f}x fp16, "
+              f"{100 * w4a16['bs1_fraction_of_limit']:.1f}% of its weight-streaming limit")
     return result
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step streams for the weights: parameters and quantized buffers (not RoPE tables)."""
+    tensors = list(model.parameters()) + [b for name, b in model.named_buffers() if not name.endswith("cos_sin")]
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+
+def time_graphs(model, cache, batches: list[int], args, label: str) -> dict:
+    """Decode tokens/s per batch: CUDA-graph replay, and the eager loop for `--eager-batches`."""
+    graphs = CUDAGraphDecoder(model, cache, buckets=batches)
+    graphs.capture()
+    eager = CUDAGraphDecoder(model, cache, buckets=batches)  # never captured: the eager loop
+    native = {}
+    for batch in batches:
+        prompts = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len), device="cuda")
+        first = graphs.prefill(prompts)
+        positions = torch.full((batch,), args.prompt_len, device="cuda")
+        row = {}
+        for name, decoder in (("graph", graphs), ("eager", eager)):
+            if name == "eager" and batch not in args.eager_batches:
+                continue
+            seconds = time_fn(lambda: decoder.greedy(first, positions, args.new_tokens), warmup=1,
+                              repeats=args.repeats, device="cuda")
+            row[name] = {"seconds": seconds, "step_ms": describe([1e3 * s / args.new_tokens for s in seconds]),
+                         "tokens_per_s": batch * args.new_tokens / describe(seconds)["median"]}
+        native[batch] = row
+        print(f"{label} bs {batch:3d}: graph {row['graph']['tokens_per_s']:8.1f} tok/s"
+              + (f" | eager {row['eager']['tokens_per_s']:.1f}" if "eager" in row else ""), flush=True)
+    return native
+
+
+def profile_step(model, cache, args, steps: int = 8) -> list[dict]:
+    """GPU time per kernel over `steps` eager bs-1 decode steps: where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder = CUDAGraphDecoder(model, cache, buckets=[1])
+    first = decoder.prefill(torch.randint(0, model.config.vocab_size, (1, args.prompt_len), device="cuda"))
+    positions = torch.full((1,), args.prompt_len, device="cuda")
+    decoder.greedy(first, positions, 2)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decoder.greedy(first, positions, steps)
+        torch.cuda.synchronize()
+    rows = [{"kernel": e.key[:120], "calls_per_step": e.count / steps,
+             "us_per_step": e.self_device_time_total / steps}
+            for e in prof.key_averages() if e.self_device_time_total > 0]
+    return sorted(rows, key=lambda r: -r["us_per_step"])[:25]
 
 
 def time_hf_batch(hf, ids: list[list[int]], new_tokens: int) -> tuple[float, list[int]]:
@@ -202,6 +262,10 @@ def plot_cuda(result: dict, path=None, ax=None):
     eager = [b for b in batches if "eager" in result["native"][b]]
     ax.plot(eager, [result["native"][b]["eager"]["tokens_per_s"] for b in eager], "s--",
             label="minideploy eager")
+    if result.get("w4a16"):
+        w4 = {int(b): v for b, v in result["w4a16"]["native"].items()}
+        ax.plot(batches, [w4[b]["graph"]["tokens_per_s"] for b in batches], "D-",
+                label=f"minideploy W4A16 g{result['w4a16']['group_size']} (CUDA graphs)")
     ax.plot(batches, [result["hf_generate"][b]["tokens_per_s"] for b in batches], "^-",
             label="HF generate")
     ax.plot(batches, [b * result["weight_streaming_limit_tokens_per_s"] for b in batches], "k:",
@@ -234,6 +298,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--eager-batches", type=int, nargs="+", default=[1, 8], help="CUDA")
     parser.add_argument("--prompt-len", type=int, default=128, help="CUDA")
     parser.add_argument("--hf-new-tokens", type=int, default=32, help="CUDA: HF generate is slow")
+    parser.add_argument("--w4a16-group-size", type=int, default=128,
+                        help="CUDA: then RTN-quantize the same model to W4A16 with this group size and "
+                             "time it again (0: skip)")
+    parser.add_argument("--w4-group-size", type=int, default=64, help="CPU: group size of the W4 row")
+    parser.add_argument("--profile", action="store_true",
+                        help="CUDA: record GPU time per kernel of a bs-1 decode step")
     args = parser.parse_args(argv)
     if args.device == "cuda":
         args.dtype = args.dtype or "float16"

@@ -1,0 +1,190 @@
+"""W4A16 linear layers: int4 weights against fp16 cuBLAS, on Llama-2-7B shapes.
+
+For every shape and batch size, one run times
+  - `cublas_fp16`: F.linear with the fp16 weight (the chapter-2 baseline),
+  - `w4a16`: minideploy's kernels (GEMV with in-register dequantization up to
+    16 tokens; above, dequantize to fp16 then cuBLAS),
+  - `torch_int4pack`: `torch._weight_int4pack_mm` (tinygemm, bf16) where torch has it,
+and, for the dequantize + matmul path, the two halves separately — the answer
+to "doesn't dequantization take time?": at batch 1 the GEMV's time is what its
+bytes cost at the measured bandwidth (the unpacking hides under the loads);
+at large batch the same weight is reused by many tokens, the matmul becomes
+compute-bound, and the dequantization pass is pure extra time.
+
+Weights rotate through copies that overflow L2, as inside a model. Bytes of a
+W4A16 call: N·K/2 packed weights + 2·N·K/g·2 scales and zeros + activations.
+Writes figures/w4a16_<device>.json and .png. On a CPU: shapes / 8, float32.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels
+from ..quant.pack import pack_int4
+from ..quant.rtn import quantize
+from ..roofline import measure_bandwidth
+from .common import FIGURES, device_tag, load_result, write_result
+from .roofline import CPU_SCALE, SHAPES_7B
+from .timing import Rotating, describe, time_fn
+
+CUDA_BATCHES = "1,2,4,8,16,32,64,128,256"
+CPU_BATCHES = "1,2,4,8,16"
+
+
+def w4_weight_bytes(n: int, k: int, group: int, scale_bytes: int) -> int:
+    """Packed nibbles plus one scale and one zero (or offset) per group."""
+    return n * k // 2 + 2 * n * (k // group) * scale_bytes
+
+
+def int4pack_operands(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
+    """Our (q, scales, zeros) → tinygemm's packed weight and [K/g, N, 2] bf16 scale/offset.
+
+    tinygemm computes w = (q - 8)·scale + offset, so offset = (8 - zero)·scale.
+    """
+    packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).contiguous()
+    weight = torch._convert_weight_to_int4pack(packed, 8)
+    offset = (8 - zeros.float()) * scales.float()
+    scale_offset = torch.stack([scales.float(), offset], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return weight, scale_offset
+
+
+def int4pack_mm(x: torch.Tensor, operands: tuple[torch.Tensor, torch.Tensor], group: int) -> torch.Tensor:
+    weight, scale_offset = operands
+    return torch._weight_int4pack_mm(x, weight, group, scale_offset)
+
+
+def bench_shape(label, k, n, group, batches, dtype, device, repeats) -> list[dict]:
+    w = torch.randn(n, k, device=device, dtype=dtype) * k**-0.5
+    q, scales, zeros = quantize(w, 4, group)
+    packed = (pack_int4(q), scales.to(dtype).contiguous(), zeros.to(dtype).contiguous())
+    dense = Rotating(w)
+    w4 = Rotating(*packed)
+    reference = kernels.reference.dequantize_w4(*packed)
+    cuda = device.type == "cuda"
+    tinygemm = None
+    if cuda and hasattr(torch, "_weight_int4pack_mm"):
+        try:
+            tinygemm = Rotating(*int4pack_operands(q, scales, zeros))
+        except RuntimeError as err:  # the packing API changed across torch versions
+            print(f"torch._weight_int4pack_mm unavailable here: {err}".splitlines()[0])
+    act = torch.finfo(dtype).bits // 8
+    points = []
+    for m in batches:
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        max_err = (kernels.w4a16_linear(x, *packed) - F.linear(x, reference)).abs().max().item()
+        packed_bytes = w4_weight_bytes(n, k, group, act)
+        runs = {"cublas_fp16" if cuda else "dense": (lambda: F.linear(x, dense.next()[0]), n * k * act),
+                "w4a16": (lambda: kernels.w4a16_linear(x, *w4.next()), packed_bytes)}
+        if m > kernels.W4A16_GEMV_MAX_TOKENS:  # the two halves of the large-batch path
+            runs["w4a16_dequantize_only"] = (lambda: kernels.dequantize_w4(*w4.next()), 0)
+            runs["fp16_matmul_only"] = (lambda: F.linear(x, dense.next()[0]), 0)
+        tiny_err = None
+        if tinygemm is not None:
+            xb = x.to(torch.bfloat16)
+            tiny_err = (int4pack_mm(xb, tinygemm.sets[0], group).float()
+                        - F.linear(x.float(), reference.float())).abs().max().item()
+            runs["torch_int4pack"] = (lambda: int4pack_mm(xb, tinygemm.next(), group), packed_bytes)
+        for method, (fn, weight_bytes) in runs.items():
+            seconds = time_fn(fn, warmup=3, repeats=repeats, device=device)
+            median = statistics.median(seconds)
+            nbytes = weight_bytes + (m * k + m * n) * act
+            points.append({"shape": label, "k": k, "n": n, "group_size": group, "batch": m, "method": method,
+                           "bytes": nbytes, "bytes_per_s": nbytes / median, "flops_per_s": 2 * m * n * k / median,
+                           "stats": describe(seconds), "seconds": seconds,
+                           "max_abs_error": max_err if method == "w4a16" else
+                           tiny_err if method == "torch_int4pack" else None})
+    return points
+
+
+def plot(result: dict, path=None, axes=None):
+    """Left: bs-1 bandwidth per shape and method; right: time vs batch for the first shape."""
+    import matplotlib.pyplot as plt
+
+    fig = None
+    if axes is None:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    points, bw = result["points"], result["bandwidth"]["read_bytes_per_s"]
+    methods = [m for m in ("cublas_fp16", "dense", "torch_int4pack", "w4a16")
+               if any(p["method"] == m for p in points)]
+    shapes = list(dict.fromkeys(p["shape"] for p in points))
+    first = min(p["batch"] for p in points)
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        values = [next((p["bytes_per_s"] / 1e9 for p in points if p["shape"] == s and p["method"] == method
+                        and p["batch"] == first), 0) for s in shapes]
+        axes[0].bar([j + i * width for j in range(len(shapes))], values, width, label=method)
+    axes[0].axhline(bw / 1e9, color="k", ls=":", label="measured read bandwidth")
+    axes[0].set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(shapes))], shapes, fontsize=8)
+    axes[0].set_ylabel(f"GB/s at batch {first}")
+    axes[0].legend(fontsize=7)
+    shape = shapes[0]
+    for method in methods + ["w4a16_dequantize_only", "fp16_matmul_only"]:
+        pts = sorted((p["batch"], p["stats"]["median"] * 1e6) for p in points
+                     if p["shape"] == shape and p["method"] == method)
+        if pts:
+            axes[1].plot(*zip(*pts), "o-" if "only" not in method else ".:", label=method)
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("batch (tokens)")
+    axes[1].set_ylabel(f"µs per call, {shape}")
+    axes[1].legend(fontsize=7)
+    axes[0].figure.suptitle(f"W4A16 g{result['group_size']} vs {result['dtype']} on {result['device']}", fontsize=9)
+    if path is not None and fig is not None:
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return axes
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m minideploy.bench.w4a16", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--batches", default=None, help=f"comma-separated (default: CUDA {CUDA_BATCHES}, "
+                        f"CPU {CPU_BATCHES})")
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="default 128 on a GPU; 32 on a CPU (11008 / 8 = 1376 = 43·32)")
+    parser.add_argument("--repeats", type=int, default=None, help="default: 20 on a GPU, 7 on a CPU")
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
+    batches = [int(b) for b in (args.batches or (CUDA_BATCHES if cuda else CPU_BATCHES)).split(",")]
+    scale = 1 if cuda else CPU_SCALE
+    args.group_size = args.group_size or (128 if cuda else 32)
+    if not cuda:
+        print(f"CPU run: Llama-2-7B shapes / {CPU_SCALE}, float32 activations.")
+    bandwidth = measure_bandwidth(device)
+    points = []
+    for label, k, n in SHAPES_7B:
+        points += bench_shape(f"{label} {k // scale}→{n // scale}", k // scale, n // scale, args.group_size,
+                              batches, dtype, device, args.repeats or (20 if cuda else 7))
+    baseline = "cublas_fp16" if cuda else "dense"
+    for p in points:
+        p["fraction_of_read_bandwidth"] = p["bytes_per_s"] / bandwidth["read_bytes_per_s"]
+        base = next(b for b in points if b["shape"] == p["shape"] and b["batch"] == p["batch"]
+                    and b["method"] == baseline)
+        p["speedup_vs_baseline"] = base["stats"]["median"] / p["stats"]["median"]
+    result = {"dtype": str(dtype).removeprefix("torch."), "group_size": args.group_size, "batches": batches,
+              "small_shapes": not cuda, "baseline": baseline, "bandwidth": bandwidth, "points": points}
+    tag = device_tag(device)
+    out = write_result(f"w4a16_{tag}", result, device)
+    result = load_result(f"w4a16_{tag}")
+    plot(result, FIGURES / f"w4a16_{tag}.png")
+    print(f"{'shape':>20} {'batch':>5} {'method':>22} {'us':>9} {'GB/s':>7} {'of BW':>6} {'x base':>6}")
+    for p in points:
+        print(f"{p['shape']:>20} {p['batch']:>5} {p['method']:>22} {p['stats']['median'] * 1e6:>9.1f} "
+              f"{p['bytes_per_s'] / 1e9:>7.0f} {p['fraction_of_read_bandwidth']:>6.0%} "
+              f"{p['speedup_vs_baseline']:>6.2f}")
+    print(f"-> {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
