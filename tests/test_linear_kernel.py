@@ -53,7 +53,7 @@ def test_cuda_gemv_matches_reference(dtype, tokens, out_features, in_features):
     assert kernels.backend_for(x, kernels.LINEAR) == "cuda"
     # the kernel itself takes up to 8 tokens; kernels.linear sends only 1 token to it
     ext = kernels.build.load(kernels.LINEAR, "cuda", kernels.build.cuda_arch(0))
-    for out in (ext.linear(x, w), kernels.linear(x, w)):
+    for out in (ext.linear(x, w, 1), ext.linear(x, w, 2), kernels.linear(x, w)):
         assert out.dtype == dtype and out.shape == (tokens, out_features)
         assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[dtype]
 
@@ -72,3 +72,5 @@ def test_cuda_gemv_rejects_bad_inputs():
         ext.linear(x, torch.randn(4, 16, device="cuda"))
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
         ext.linear(x.float(), torch.randn(4, 16, device="cuda"))
+    with pytest.raises(RuntimeError, match="version must be 1 or 2"):
+        ext.linear(x, torch.randn(4, 16, device="cuda", dtype=torch.float16), 3)

@@ -79,6 +79,10 @@ def bench_shape(label, k, n, group, batches, dtype, device, repeats) -> list[dic
         packed_bytes = w4_weight_bytes(n, k, group, act)
         runs = {"cublas_fp16" if cuda else "dense": (lambda: F.linear(x, dense.next()[0]), n * k * act),
                 "w4a16": (lambda: kernels.w4a16_linear(x, *w4.next()), packed_bytes)}
+        if cuda and m <= 8:  # the fp16 GEMV kernel's two versions (chapter 2), same weights
+            fp16_gemv = kernels.build.load(kernels.LINEAR, "cuda", kernels.build.cuda_arch(device.index or 0))
+            for version in (1, 2):
+                runs[f"fp16_gemv_v{version}"] = (lambda v=version: fp16_gemv.linear(x, dense.next()[0], v), n * k * act)
         if m > kernels.W4A16_GEMV_MAX_TOKENS:  # the two halves of the large-batch path
             runs["w4a16_dequantize_only"] = (lambda: kernels.dequantize_w4(*w4.next()), 0)
             runs["fp16_matmul_only"] = (lambda: F.linear(x, dense.next()[0]), 0)

@@ -133,7 +133,8 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if ext is None:
         return reference.w4a16_linear(x, qweight, scales, zeros)
     if x.dim() == 2 and x.shape[0] <= W4A16_GEMV_MAX_TOKENS:
-        return ext.gemv(x.contiguous(), qweight, scales, zeros)
+        return ext.gemv(x.contiguous(), qweight, scales, zeros)  # checks its inputs itself
+    reference.check_w4a16_args("w4a16_linear", qweight, scales, zeros, x)
     return torch.nn.functional.linear(x, ext.dequantize(qweight, scales, zeros))
 
 
