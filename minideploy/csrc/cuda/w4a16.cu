@@ -1,0 +1,626 @@
+// W4A16 linear layer on an NVIDIA GPU: int4 weights, float16/bfloat16 activations.
+//
+// What it computes (the specification is w4a16_linear and dequantize_w4 in
+// minideploy/kernels/reference.py):
+//   dequantize(qweight, scales, zeros) -> W [N, K] in scales' dtype,
+//       W[n, k] = (q[n, k] - zeros[n, k / g]) * scales[n, k / g]
+//   gemv(x [M, K], qweight, scales, zeros) -> x @ W^T [M, N] in x's dtype, M <= 16
+// Layout (AutoAWQ's): qweight [N, K / 8] int32, word j of row n holds
+// k = 8j .. 8j+7, nibble i (bits 4i .. 4i+3) holding k = 8j + ORDER[i] with
+// ORDER = (0, 2, 4, 6, 1, 3, 5, 7); scales and zeros [N, K / g] in x's dtype,
+// zeros integer-valued (0..15); the group size g is a multiple of 32, so one
+// 16-byte load of a row (32 weights, a "chunk") lies in one group.
+//
+// Why this design. A decode step multiplies a few tokens by every weight once:
+// the GEMV runs at the speed HBM delivers the weights, and int4 weights are
+// 4.25..4.5 bits a weight with scales and zeros, 3.5x fewer bytes than fp16.
+// The kernel's job is to stream qweight at full bandwidth while spending few
+// enough instructions per weight that dequantization never becomes the limit.
+//
+// 1. Dequantization in registers, two weights per instruction. ORDER puts the
+//    weights k = 8j+2s and 8j+2s+1 in nibbles s and s+4, i.e. at bits 4s and
+//    16+4s, so
+//        (w >> 4s) & 0x000F000F | 0x64006400
+//    is a half2 whose halves are 0x6400|q: fp16 1024 has an ulp of 1, so the
+//    bits read 1024 + q, a k-ordered pair, for one shift and one LOP3 and no
+//    int-to-float conversion. bf16 has 7 mantissa bits: 0x4300|q is 128 + q
+//    the same way. Subtracting (1024 + z) (resp. 128 + z) is exact and leaves
+//    the small integer q - z; one multiply by the scale rounds once, as the
+//    reference's float32 (q - z) * s cast to the dtype does, so the kernel
+//    multiplies by bit for bit the W that dequantize() returns.
+// 2. Tensor cores for the products. The dequantized pair is already an f16x2
+//    (bf16x2) register, the operand format of mma.sync.m16n8k16: one
+//    instruction multiplies a 16 x 16 tile of W by a 16 x 8 tile of x^T with
+//    exact products and float32 accumulation, so a warp owns 16 rows of W
+//    rather than one. With CUDA cores every weight costs a multiply-add per
+//    token on top of its dequantization; in bf16 also a conversion (there is no
+//    bf16 x bf16 -> fp32 FMA), ~4.5 instructions a weight at one token, about
+//    all that an SM can issue while HBM delivers its share of the weights.
+//    Summing a few products in half2 first saves instructions but overflows
+//    fp16 for |x| in the thousands (q - z reaches 15) and, in bf16, rounds
+//    every product to 8 bits. Here the inner loop is 395 SASS instructions
+//    (sm_90) per lane for 2 x 2 x 32 weights, ~3 a weight including address
+//    arithmetic, the same for 1 token or 8 (16 tokens: 430); at ~3 TB/s that
+//    is ~60% of the SM's issue rate. The accuracy is that of cuBLAS on the
+//    dequantized W.
+// 3. Work split and bytes in flight. A block of 8 warps owns 16 output
+//    features (the mma's 16 rows) for all M tokens, and its warps split K:
+//    warp w takes the k-steps (128 k each) w, w+8, w+16, ... and the 8
+//    partial tiles are summed through shared memory at the end. One warp per
+//    16-row tile would give Llama's N = 4096 only 256 warps, 2 per SM, far
+//    too few loads in flight; split 8 ways it has 2048 warps, 15.5 per SM on
+//    132 SMs (N = 11008, 12288: 5500+ warps in ~2 waves of 24 per SM). Each
+//    lane issues the 16-byte loads of two k-steps (2 rows x 2 steps = 64
+//    bytes of qweight, a warp 2 KB) before it dequantizes the first, so an SM
+//    has 32-48 KB in flight, above the ~20 KB per SM that Little's law asks
+//    for at ~3 TB/s and ~1 us of latency. A warp's load instruction reads 64
+//    contiguous bytes from each of 8 rows (whole 32-byte sectors), and the 8
+//    warps of a block read neighbouring k-steps of the same rows.
+//    __launch_bounds__ asks for 3 blocks per SM (2 with two token tiles):
+//    with fewer registers ptxas issues the second k-step's loads late.
+// 4. The activations (M x K, a few KB to ~350 KB) are read by every block
+//    from L1/L2: at M = 1 that is a quarter of the weight bytes, at M = 16
+//    four times them; that and the doubled mma count make 16 tokens slower
+//    than 1, but far faster than dequantizing W and calling the matmul.
+//
+// Fragment layout (PTX ISA, mma.m16n8k16 with .f16/.bf16 inputs), lane =
+// 4 * gid + tid: A (16 x 16, row-major) registers a0 = A[gid][2tid, 2tid+1],
+// a1 = A[gid+8][2tid, 2tid+1], a2 = A[gid][2tid+8, 2tid+9], a3 = A[gid+8]
+// [2tid+8, 2tid+9]; B (16 x 8) b0 = B[2tid, 2tid+1][gid], b1 = B[2tid+8,
+// 2tid+9][gid]; C (16 x 8, f32) c0, c1 = C[gid][2tid, 2tid+1], c2, c3 =
+// C[gid+8][2tid, 2tid+1]. A product sums over its 16 k slots in any order, so
+// the slots may stand for any 16 k as long as A and B agree: lane (gid, tid)
+// loads chunk 4s+tid of rows gid and gid+8 in k-step s (32 weights each), and
+// its slots (2tid, 2tid+1), (2tid+8, 2tid+9) in the step's j-th mma (j = 0..7)
+// stand for k = 32c+4j+{0,1} and 32c+4j+{2,3} of that chunk c: the weight
+// pairs 2(j%2) and 2(j%2)+1 of word j/2, and x's elements 4j..4j+3 of the
+// chunk for token gid (32-bit words 2j and 2j+1 of the 64 bytes the lane
+// loads). So C[row][token] is out[token][row] of the tile; the columns of
+// tokens past M hold copies of token 0 and are never written.
+//
+// Older GPUs (compute capability < 8.0, no m16n8k16) and float32 tensors are
+// served by dequantize() followed by torch's matmul: correct, not fast.
+
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <type_traits>
+
+namespace {
+
+// ---------------------------------------------------------------------------
+// Constants
+// ---------------------------------------------------------------------------
+
+constexpr int kWarpSize = 32;
+constexpr int kWordK = 8;          // int4 weights per int32 word
+constexpr int kChunk = 32;         // weights per 16-byte load (4 words)
+constexpr int kGroupMultiple = 32; // the group size must be a multiple of kChunk
+constexpr int kTileRows = 16;      // output features per block: the mma's M
+constexpr int kTileTokens = 8;     // tokens per mma: the mma's N
+constexpr int kMaxTokens = 16;     // the GEMV takes up to two token tiles
+constexpr int kStepChunks = 4;     // chunks per row in one k-step: one per lane of a quad
+constexpr int kMmasPerStep = kStepChunks * kChunk / 16;  // 8 mmas of k = 16
+constexpr int kWarps = 8;          // warps per block, splitting K between them
+constexpr int kInFlight = 2;       // k-steps whose loads a warp issues before using the first
+// Blocks per SM that __launch_bounds__ asks ptxas to fit, by token tiles: 3 (<= 85
+// registers) for one tile, 2 (<= 128) for two. Without it ptxas saves registers by
+// issuing the second k-step's loads after the first one's mmas.
+constexpr int kMinBlocks[3] = {0, 3, 2};
+constexpr int kDequantThreads = 256;
+
+static_assert(kChunk % kWordK == 0 && kGroupMultiple % kChunk == 0, "a chunk lies in one group");
+
+// ---------------------------------------------------------------------------
+// Bit tricks: int4 -> fp16/bf16 pairs
+// ---------------------------------------------------------------------------
+
+template <typename To, typename From>
+__device__ __forceinline__ To bits_as(From v) {
+  static_assert(sizeof(To) == sizeof(From), "bits_as: sizes differ");
+  To r;
+  memcpy(&r, &v, sizeof(To));
+  return r;
+}
+
+template <typename T>
+struct W4;  // per-dtype constants and conversions (torch builds without implicit ones)
+
+template <>
+struct W4<__half> {
+  using T2 = __half2;
+  static constexpr uint32_t kMagic = 0x64006400u;  // half2 (1024, 1024): 0x6400 | q = 1024 + q
+  __device__ __forceinline__ static __half from_float(float v) { return __float2half_rn(v); }
+};
+
+template <>
+struct W4<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  static constexpr uint32_t kMagic = 0x43004300u;  // bf162 (128, 128): 0x4300 | q = 128 + q
+  __device__ __forceinline__ static __nv_bfloat16 from_float(float v) {
+    return __float2bfloat16_rn(v);
+  }
+};
+
+// A 16-bit scale or zero (raw bits) in both halves of a T2.
+template <typename T>
+__device__ __forceinline__ typename W4<T>::T2 broadcast(uint16_t bits) {
+  return bits_as<typename W4<T>::T2>(static_cast<uint32_t>(bits) * 0x00010001u);
+}
+
+// (magic + z, magic + z): subtracting it from a biased pair leaves q - z, exactly.
+template <typename T>
+__device__ __forceinline__ typename W4<T>::T2 biased_zero(uint16_t zero_bits) {
+  using T2 = typename W4<T>::T2;
+  return __hadd2(broadcast<T>(zero_bits), bits_as<T2>(W4<T>::kMagic));
+}
+
+// Weights k = 8j+2s and 8j+2s+1 of word w (nibbles s and s+4), dequantized:
+// ((q - z) * scale) as a k-ordered T2, in its 32-bit register. The subtraction
+// is exact (small integers), the multiplication rounds once, as the reference.
+template <typename T>
+__device__ __forceinline__ uint32_t dequant_pair(uint32_t w, int s, typename W4<T>::T2 zero,
+                                                 typename W4<T>::T2 scale) {
+  using T2 = typename W4<T>::T2;
+  // (w >> 4s) & 0x000F000F | magic = (magic + q_lo, magic + q_hi). Written in C++ the
+  // AND and the OR take two LOP3s (a LOP3 has room for one immediate); lop3.b32 with
+  // the table 0xEA = (a & b) | c does both in one.
+  uint32_t biased;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(biased) : "r"(w >> (4 * s)), "n"(0x000F000Fu),
+      "n"(W4<T>::kMagic));
+  return bits_as<uint32_t>(__hmul2(__hsub2(bits_as<T2>(biased), zero), scale));
+}
+
+// ---------------------------------------------------------------------------
+// Loads and the tensor-core product
+// ---------------------------------------------------------------------------
+
+// qweight is read once: stream it past L1 (which keeps x and the scales).
+__device__ __forceinline__ uint4 load_streaming(const uint4* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+#else
+  return __ldg(p);
+#endif
+}
+
+// d += A (16 x 16, row-major) * B (16 x 8), float32 accumulation.
+template <typename T>
+__device__ __forceinline__ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                            uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __half>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#else
+  (void)d, (void)a, (void)b0, (void)b1;
+  __trap();  // the host never launches the GEMV below compute capability 8.0
+#endif
+}
+
+// ---------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------
+
+// c / d for 0 <= c and c * d <= 2^40, as one multiply and a shift:
+// magic = ceil(2^40 / d) (computed on the host) = (2^40 + e) / d with e < d, so
+// c * magic / 2^40 = c / d + c * e / (d * 2^40), and c * e < 2^40 keeps the floor.
+constexpr int kDivShift = 40;
+__device__ __forceinline__ unsigned divide(unsigned c, uint64_t magic) {
+  return static_cast<unsigned>((static_cast<uint64_t>(c) * magic) >> kDivShift);
+}
+
+// out [m, n] = x [m, k] @ W^T for m <= 8 * kTokenTiles. One block per 16 rows
+// of W; warp w of the block handles k-steps w, w + kWarps, ... (header, 3.).
+// group_magic divides a chunk index by the chunks per group (divide()).
+template <typename T, int kTokenTiles>
+__global__ void __launch_bounds__(kWarps* kWarpSize, kMinBlocks[kTokenTiles])
+    w4a16_gemv_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
+                      const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
+                      T* __restrict__ out, int m_size, int n_size, int k_size, int groups,
+                      uint64_t group_magic) {
+  using T2 = typename W4<T>::T2;
+  constexpr int kStride = kWarps * kStepChunks;  // chunks between a warp's consecutive k-steps
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int gid = lane / 4, tid = lane % 4;  // the mma's groupID and threadID_in_group
+  const int row0 = blockIdx.x * kTileRows;
+  const int chunks = k_size / kChunk;  // 16-byte loads per row of qweight
+
+  // This lane's rows of W (gid and gid + 8 of the tile) and token(s) of x (gid,
+  // gid + 8: column gid of the B tile(s)), as element offsets: 32-bit (the host
+  // checks that they fit) keeps the address arithmetic short. A row past N is
+  // clamped to a valid one and gets scale 0 ((q - z) * 0 = 0: exact zeros); a
+  // token past M is clamped too and fills an output column that is never written.
+  bool row_ok[2];
+  unsigned w_row[2], sz_row[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + gid + 8 * r;
+    row_ok[r] = row < n_size;
+    w_row[r] = static_cast<unsigned>(min(row, n_size - 1)) * chunks;  // in 16-byte units
+    sz_row[r] = static_cast<unsigned>(min(row, n_size - 1)) * groups;
+  }
+  unsigned x_row[kTokenTiles];  // in 16-byte units: chunk c is packs 4c .. 4c+3
+#pragma unroll
+  for (int tt = 0; tt < kTokenTiles; ++tt) {
+    const int token = gid + kTileTokens * tt;
+    x_row[tt] = static_cast<unsigned>(token < m_size ? token : 0) * (k_size / 8);
+  }
+  const uint4* x4 = reinterpret_cast<const uint4*>(x);
+
+  float acc[kTokenTiles][4];
+#pragma unroll
+  for (int tt = 0; tt < kTokenTiles; ++tt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[tt][i] = 0.0f;
+  }
+
+  // c0: this lane's chunk in the first k-step of a batch (k-steps warp + i * kWarps).
+  for (int c0 = warp * kStepChunks + tid; c0 - tid < chunks; c0 += kInFlight * kStride) {
+    // Issue every load of kInFlight k-steps (weights, scales, zeros and x) before
+    // the first use: bytes in flight are what hides the memory latency. A chunk
+    // past K (in the last k-step of a K that is no multiple of 128) reloads the
+    // row's last chunk with scale 0, and x = 0 (so that even an infinite x
+    // multiplies exact zeros).
+    uint4 wq[kInFlight][2], xq[kInFlight][kTokenTiles][4];
+    uint16_t sb[kInFlight][2], zb[kInFlight][2];
+#pragma unroll
+    for (int f = 0; f < kInFlight; ++f) {
+      const bool in_k = c0 + f * kStride < chunks;
+      const unsigned c = min(c0 + f * kStride, chunks - 1);
+      const unsigned group = divide(c, group_magic);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        wq[f][r] = load_streaming(qweight + (w_row[r] + c));
+        const uint16_t s = __ldg(scales + (sz_row[r] + group));
+        sb[f][r] = in_k && row_ok[r] ? s : 0;  // scale 0: (q - z) * 0 = 0, whatever z
+        zb[f][r] = __ldg(zeros + (sz_row[r] + group));
+      }
+#pragma unroll
+      for (int tt = 0; tt < kTokenTiles; ++tt) {
+        const uint4* xp = x4 + (x_row[tt] + 4 * c);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {  // x for this chunk: 32 elements, L1/L2 hits
+          xq[f][tt][i] = make_uint4(0u, 0u, 0u, 0u);
+          if (in_k) xq[f][tt][i] = __ldg(xp + i);
+        }
+      }
+    }
+    // Dequantize and multiply, k-step by k-step.
+#pragma unroll
+    for (int f = 0; f < kInFlight; ++f) {
+      T2 scale[2], zero[2];
+      uint32_t words[2][4];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        scale[r] = broadcast<T>(sb[f][r]);
+        zero[r] = biased_zero<T>(zb[f][r]);
+        words[r][0] = wq[f][r].x;
+        words[r][1] = wq[f][r].y;
+        words[r][2] = wq[f][r].z;
+        words[r][3] = wq[f][r].w;
+      }
+#pragma unroll
+      for (int j = 0; j < kMmasPerStep; ++j) {
+        // k = 32c + 4j + {0,1} and + {2,3}: pairs 2(j%2) and 2(j%2)+1 of word j/2.
+        const int word = j / 2, pair = 2 * (j % 2);
+        uint32_t a[4];
+        a[0] = dequant_pair<T>(words[0][word], pair, zero[0], scale[0]);      // row gid
+        a[1] = dequant_pair<T>(words[1][word], pair, zero[1], scale[1]);      // row gid + 8
+        a[2] = dequant_pair<T>(words[0][word], pair + 1, zero[0], scale[0]);  // row gid
+        a[3] = dequant_pair<T>(words[1][word], pair + 1, zero[1], scale[1]);  // row gid + 8
+#pragma unroll
+        for (int tt = 0; tt < kTokenTiles; ++tt) {
+          const uint4& v = xq[f][tt][j / 2];  // x elements 8(j/2) .. 8(j/2)+7 of the chunk
+          const uint32_t b0 = (j % 2) ? v.z : v.x;  // k = 4j, 4j+1
+          const uint32_t b1 = (j % 2) ? v.w : v.y;  // k = 4j+2, 4j+3
+          mma_16x8x16<T>(acc[tt], a, b0, b1);
+        }
+      }
+    }
+  }
+
+  // Sum the kWarps partial tiles: acc[tt] = C[row][token] with rows gid, gid+8
+  // and tokens 8tt + 2tid, 8tt + 2tid + 1.
+  __shared__ float partial[kWarps][kTokenTiles * kTileTokens][kTileRows];
+#pragma unroll
+  for (int tt = 0; tt < kTokenTiles; ++tt) {
+    const int token = kTileTokens * tt + 2 * tid;
+    partial[warp][token][gid] = acc[tt][0];
+    partial[warp][token + 1][gid] = acc[tt][1];
+    partial[warp][token][gid + 8] = acc[tt][2];
+    partial[warp][token + 1][gid + 8] = acc[tt][3];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kTokenTiles * kTileTokens * kTileRows; i += blockDim.x) {
+    const int token = i / kTileRows, r = i % kTileRows;
+    if (token < m_size && row0 + r < n_size) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) sum += partial[w][token][r];
+      out[static_cast<int64_t>(token) * n_size + row0 + r] = W4<T>::from_float(sum);
+    }
+  }
+}
+
+// One word of qweight -> its 8 weights, k-ordered, stored with 16-byte stores.
+__device__ __forceinline__ void store_word(__half* dst, uint32_t w, uint16_t s, uint16_t z) {
+  const __half2 scale = broadcast<__half>(s), zero = biased_zero<__half>(z);
+  uint4 v;
+  v.x = dequant_pair<__half>(w, 0, zero, scale);
+  v.y = dequant_pair<__half>(w, 1, zero, scale);
+  v.z = dequant_pair<__half>(w, 2, zero, scale);
+  v.w = dequant_pair<__half>(w, 3, zero, scale);
+  *reinterpret_cast<uint4*>(dst) = v;
+}
+
+__device__ __forceinline__ void store_word(__nv_bfloat16* dst, uint32_t w, uint16_t s, uint16_t z) {
+  const __nv_bfloat162 scale = broadcast<__nv_bfloat16>(s), zero = biased_zero<__nv_bfloat16>(z);
+  uint4 v;
+  v.x = dequant_pair<__nv_bfloat16>(w, 0, zero, scale);
+  v.y = dequant_pair<__nv_bfloat16>(w, 1, zero, scale);
+  v.z = dequant_pair<__nv_bfloat16>(w, 2, zero, scale);
+  v.w = dequant_pair<__nv_bfloat16>(w, 3, zero, scale);
+  *reinterpret_cast<uint4*>(dst) = v;
+}
+
+// float32: (q - z) * s in float32, the reference's arithmetic (no FMA contraction).
+__device__ __forceinline__ void store_word(float* dst, uint32_t w, float s, float z) {
+  float v[kWordK];
+#pragma unroll
+  for (int p = 0; p < kWordK / 2; ++p) {  // nibbles p and p + 4 hold k = 2p and 2p + 1
+    v[2 * p] = __fmul_rn(__fsub_rn(static_cast<float>((w >> (4 * p)) & 0xFu), z), s);
+    v[2 * p + 1] = __fmul_rn(__fsub_rn(static_cast<float>((w >> (4 * p + 16)) & 0xFu), z), s);
+  }
+  reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+
+// W [n, k] from the packed form: one thread per word (4 bytes in, 8 weights out).
+// Block (row, blockIdx.y): a row of qweight is words_per_row words.
+// S is the storage type of a scale: uint16_t (raw fp16/bf16 bits) or float.
+template <typename T, typename S>
+__global__ void __launch_bounds__(kDequantThreads)
+    w4_dequantize_kernel(const uint32_t* __restrict__ qweight, const S* __restrict__ scales,
+                         const S* __restrict__ zeros, T* __restrict__ out, int words_per_row,
+                         int groups, int words_per_group) {
+  const int64_t row = blockIdx.x;
+  const int j = blockIdx.y * kDequantThreads + threadIdx.x;
+  if (j >= words_per_row) return;
+  const uint32_t w = __ldg(qweight + row * words_per_row + j);
+  const int group = j / words_per_group;
+  store_word(out + (row * words_per_row + j) * kWordK, w, __ldg(scales + row * groups + group),
+             __ldg(zeros + row * groups + group));
+}
+
+// ---------------------------------------------------------------------------
+// Argument checks: the reference's (check_w4a16_args), in its order and words,
+// then what the CUDA kernels need on top.
+// ---------------------------------------------------------------------------
+
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kDouble: return "float64";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kShort: return "int16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
+std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? "," : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+void check_float(const char* op, const char* arg, const at::Tensor& t) {
+  const auto d = t.scalar_type();
+  TORCH_CHECK(d == at::kFloat || d == at::kHalf || d == at::kBFloat16, op, ": ", arg,
+              " must be float32, float16 or bfloat16, got ", dtype_name(d));
+}
+
+void check_like(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
+                const at::Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", arg, " must have the dtype of ",
+              ref_arg, " (", dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", arg, " must be on ", ref_arg, "'s device ",
+              ref.device(), ", got ", t.device());
+}
+
+void check_contiguous(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", arg, " must be contiguous (call .contiguous() first)");
+}
+
+void check_cuda(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cuda(), op, ": ", arg,
+              " must be a CUDA tensor for the CUDA kernel, got ", t.device());
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+void check_w4a16_args(const char* op, const at::Tensor& qweight, const at::Tensor& scales,
+                      const at::Tensor& zeros, const at::Tensor* x) {
+  TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.dim() == 2, op,
+              ": qweight must be 2-D int32 [out_features, in_features / 8], got ",
+              dtype_name(qweight.scalar_type()), " ", shape_str(qweight));
+  const int64_t n = qweight.size(0), k = qweight.size(1) * kWordK;
+  check_float(op, "scales", scales);
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == n && scales.size(1) != 0 &&
+                  k % scales.size(1) == 0,
+              op, ": scales must have shape [out_features=", n,
+              ", groups] with groups dividing in_features=", k, ", got ", shape_str(scales));
+  const int64_t group = k / scales.size(1);
+  TORCH_CHECK(group % kGroupMultiple == 0, op, ": group size ", group, " (in_features ", k, " / ",
+              scales.size(1), " groups) must be a multiple of ", kGroupMultiple);
+  check_like(op, "zeros", zeros, "scales", scales);
+  TORCH_CHECK(zeros.sizes() == scales.sizes(), op, ": zeros must have the shape of scales ",
+              shape_str(scales), ", got ", shape_str(zeros));
+  TORCH_CHECK(qweight.device() == scales.device(), op, ": qweight must be on scales' device ",
+              scales.device(), ", got ", qweight.device());
+  check_contiguous(op, "qweight", qweight);
+  check_contiguous(op, "scales", scales);
+  check_contiguous(op, "zeros", zeros);
+  if (x != nullptr) {
+    check_like(op, "x", *x, "scales", scales);
+    TORCH_CHECK(x->dim() == 2 && x->size(1) == k, op, ": x must be 2-D [tokens, in_features=", k,
+                "], got shape ", shape_str(*x));
+    check_contiguous(op, "x", *x);
+  }
+  // What the CUDA kernels add: the device, and sizes that index with int.
+  check_cuda(op, "qweight", qweight);
+  TORCH_CHECK(n <= INT32_MAX && k <= INT32_MAX, op,
+              ": out_features and in_features must be below 2^31, got qweight ",
+              shape_str(qweight));
+}
+
+// ---------------------------------------------------------------------------
+// Launchers and entry points
+// ---------------------------------------------------------------------------
+
+bool has_mma_16816(const at::Device& device) {  // mma.sync.m16n8k16 with f16/bf16: sm_80+
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index()));
+  return major >= 8;
+}
+
+template <typename T, typename S>
+void launch_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                       at::Tensor& out, cudaStream_t stream) {
+  const int64_t n = qweight.size(0), words_per_row = qweight.size(1);
+  const int groups = static_cast<int>(scales.size(1));
+  const int words_per_group = static_cast<int>(words_per_row / groups);
+  const dim3 grid(static_cast<unsigned>(n),
+                  static_cast<unsigned>((words_per_row + kDequantThreads - 1) / kDequantThreads));
+  w4_dequantize_kernel<T, S><<<grid, kDequantThreads, 0, stream>>>(
+      reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
+      reinterpret_cast<const S*>(scales.data_ptr()), reinterpret_cast<const S*>(zeros.data_ptr()),
+      reinterpret_cast<T*>(out.data_ptr()), static_cast<int>(words_per_row), groups,
+      words_per_group);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The checked part of dequantize(), shared with the GEMV's fallback.
+at::Tensor dequantize_checked(const at::Tensor& qweight, const at::Tensor& scales,
+                              const at::Tensor& zeros) {
+  auto out = at::empty({qweight.size(0), qweight.size(1) * kWordK}, scales.options());
+  if (out.numel() == 0) return out;
+  const c10::cuda::CUDAGuard guard(scales.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  switch (scales.scalar_type()) {
+    case at::kHalf: launch_dequantize<__half, uint16_t>(qweight, scales, zeros, out, stream); break;
+    case at::kBFloat16:
+      launch_dequantize<__nv_bfloat16, uint16_t>(qweight, scales, zeros, out, stream);
+      break;
+    default: launch_dequantize<float, float>(qweight, scales, zeros, out, stream); break;
+  }
+  return out;
+}
+
+at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scales,
+                      const at::Tensor& zeros) {
+  check_w4a16_args("dequantize_w4", qweight, scales, zeros, nullptr);
+  return dequantize_checked(qweight, scales, zeros);
+}
+
+// The GEMV kernel indexes with 32-bit offsets and divides chunk indices with
+// divide(): true when the shapes allow both (any realistic layer).
+bool offsets_fit(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+  const uint64_t n = qweight.size(0), k = x.size(1), groups = scales.size(1);
+  const uint64_t chunks = k / kChunk, chunks_per_group = groups ? chunks / groups : 1;
+  return n * chunks <= UINT32_MAX && n * groups <= UINT32_MAX &&
+         static_cast<uint64_t>(kMaxTokens) * (k / 8) <= UINT32_MAX &&
+         chunks * chunks_per_group <= (uint64_t{1} << kDivShift);
+}
+
+template <typename T>
+void launch_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                 const at::Tensor& zeros, at::Tensor& out, cudaStream_t stream) {
+  const int m = static_cast<int>(x.size(0)), n = static_cast<int>(qweight.size(0));
+  const int k = static_cast<int>(x.size(1)), groups = static_cast<int>(scales.size(1));
+  const uint64_t chunks_per_group = k / groups / kChunk;
+  const uint64_t group_magic =  // ceil(2^40 / chunks_per_group), for divide()
+      ((uint64_t{1} << kDivShift) + chunks_per_group - 1) / chunks_per_group;
+  const dim3 grid(static_cast<unsigned>((n + kTileRows - 1) / kTileRows));
+  const dim3 block(kWarps * kWarpSize);
+  const T* xp = reinterpret_cast<const T*>(x.data_ptr());
+  const uint4* qp = reinterpret_cast<const uint4*>(qweight.data_ptr());
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
+  const uint16_t* zp = reinterpret_cast<const uint16_t*>(zeros.data_ptr());
+  T* op = reinterpret_cast<T*>(out.data_ptr());
+  // The bound on M is compiled in as token tiles of the mma (8 tokens): an mma
+  // costs the same for 1 token as for 8, and the lanes of tokens past M load
+  // token 0's x again (same addresses, no extra traffic), so bounds 1, 2, 4
+  // would compile the same kernel as 8.
+  if (m <= kTileTokens) {
+    w4a16_gemv_kernel<T, 1><<<grid, block, 0, stream>>>(xp, qp, sp, zp, op, m, n, k, groups,
+                                                         group_magic);
+  } else {
+    w4a16_gemv_kernel<T, 2><<<grid, block, 0, stream>>>(xp, qp, sp, zp, op, m, n, k, groups,
+                                                         group_magic);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                const at::Tensor& zeros) {
+  const char* op = "w4a16_linear";
+  check_w4a16_args(op, qweight, scales, zeros, &x);
+  TORCH_CHECK(x.size(0) <= kMaxTokens, op, ": the CUDA GEMV takes x with at most ", kMaxTokens,
+              " rows (tokens), got shape ", shape_str(x));
+  TORCH_CHECK(aligned16(x.data_ptr()) && aligned16(qweight.data_ptr()), op,
+              ": x and qweight must be 16-byte aligned for the CUDA GEMV (a view at an odd offset "
+              "is not; call .clone())");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto type = x.scalar_type();
+  if (type == at::kFloat || !has_mma_16816(x.device()) || !offsets_fit(x, qweight, scales)) {
+    return at::linear(x, dequantize_checked(qweight, scales, zeros));
+  }
+  auto out = at::empty({x.size(0), qweight.size(0)}, x.options());
+  if (out.numel() == 0) return out;
+  if (x.size(1) == 0) return out.zero_();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (type == at::kHalf) {
+    launch_gemv<__half>(x, qweight, scales, zeros, out, stream);
+  } else {
+    launch_gemv<__nv_bfloat16>(x, qweight, scales, zeros, out, stream);
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "minideploy CUDA kernels: W4A16 linear (int4 weights, float16/bfloat16 activations)";
+  m.def("gemv", &gemv, "x @ dequantize(qweight, scales, zeros)^T for up to 16 rows of x (CUDA)",
+        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"));
+  m.def("dequantize", &dequantize, "the float weight [N, K] of a W4A16 linear (CUDA)",
+        py::arg("qweight"), py::arg("scales"), py::arg("zeros"));
+}
