@@ -127,7 +127,7 @@ def test_auto_awq_then_chat_on_the_default_model(tmp_path):
 
     out = tmp_path / "smollm2-w4g64"
     assert main(["lite", "auto_awq", "default", "--work-dir", str(out), "--w-group-size", "64",
-                 "--calib-samples", "2", "--calib-seqlen", "64", "--search-samples", "2"]) == 0
+                 "--calib-samples", "8", "--calib-seqlen", "128", "--search-samples", "2"]) == 0
     chat = subprocess.run([sys.executable, "-m", "minideploy.cli", "chat", str(out), "--max-new-tokens", "16"],
                           input="What is the capital of France?\nexit\n", capture_output=True, text=True,
                           timeout=300)

@@ -1,0 +1,352 @@
+"""The W4A16 kernels (int4 weights, float activations) against their PyTorch reference.
+
+Calls go through `kernels.w4a16_linear` / `kernels.dequantize_w4` with
+MINIDEPLOY_KERNELS=compiled, so a kernel that does not build fails here instead
+of falling back: up to 16 tokens run the GEMV, more tokens dequantize and call
+the matmul. Weights are random 4-bit values packed by `quant.pack.pack_int4`.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minideploy import kernels
+from minideploy.kernels import build, reference
+from minideploy.quant.pack import pack_int4
+
+CUDA = pytest.param("cuda", marks=[
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+])
+DEVICES = ["cpu", CUDA]
+# Largest error allowed, as a fraction of a typical output (the spread of a
+# dot product, sqrt(K) rms(x) rms(w)): float32 accumulation throughout, then
+# the output rounded to its dtype (outputs reach a few typical sizes).
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+# (out_features N, in_features K, group g): the default model's projections
+# (576 -> 960 qkv, 1536 -> 576 down), N ragged against the vector width and
+# the rows per thread (1, 7, 33, 1000), K a multiple of 32 but not of 64 or 128
+# (96), a single group (96 / 96), and g = 32 / 64 / 128 / 192.
+SHAPES = [(1, 96, 32), (7, 96, 96), (33, 576, 64), (960, 576, 64), (576, 1536, 128),
+          (1000, 1536, 128), (7, 576, 192)]
+TOKENS = [1, 2, 3, 5, 8, 16, 17, 40]  # above 16 the dispatch dequantizes and multiplies
+
+
+def dtypes_for(device: str) -> list[torch.dtype]:
+    return [torch.float32, torch.float16, torch.bfloat16] if device == "cpu" else [
+        torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _compiled(monkeypatch):
+    """Compiled kernels or an error: never the silent fallback to the reference."""
+    monkeypatch.setenv(kernels.ENV_VAR, "compiled")
+
+
+def compiled(device: str):
+    arch = build.cuda_arch(torch.cuda.current_device()) if device == "cuda" else None
+    return build.load(kernels.W4A16, device, arch)
+
+
+def random_weight(n: int, k: int, group: int, dtype=torch.float32, device="cpu", seed=0):
+    """(qweight, scales, zeros) of a random int4 weight; |w| up to ~0.3."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
+    scales = (torch.rand(n, k // group, generator=gen) + 0.5) * 0.02
+    zeros = torch.randint(0, 16, (n, k // group), generator=gen).float()
+    return pack_int4(q).to(device), scales.to(dtype).to(device), zeros.to(dtype).to(device)
+
+
+def reference_linear(x, qweight, scales, zeros) -> torch.Tensor:
+    """The reference in float32 on the CPU (the inputs' values are exact in float32)."""
+    return reference.w4a16_linear(x.float().cpu(), qweight.cpu(), scales.float().cpu(),
+                                  zeros.float().cpu())
+
+
+def assert_matches(out, x, qweight, scales, zeros):
+    ref = reference_linear(x, qweight, scales, zeros)
+    assert out.dtype == x.dtype and out.shape == ref.shape and out.device == x.device
+    w = reference.dequantize_w4(qweight.cpu(), scales.float().cpu(), zeros.float().cpu())
+    typical = x.float().pow(2).mean().sqrt().item() * w.pow(2).mean().sqrt().item() * x.shape[1] ** 0.5
+    err = (out.float().cpu() - ref).abs().max().item()
+    assert err <= TOL[x.dtype] * typical, f"max error {err:.3g} vs typical output {typical:.3g}"
+
+
+# ---------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,k,group", SHAPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_linear_matches_reference(device, tokens, n, k, group):
+    for dtype in dtypes_for(device):
+        qweight, scales, zeros = random_weight(n, k, group, dtype, device, seed=n + k + tokens)
+        x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tokens)).to(dtype).to(device)
+        assert kernels.backend_for(x, kernels.W4A16) == device
+        assert_matches(kernels.w4a16_linear(x, qweight, scales, zeros), x, qweight, scales, zeros)
+
+
+# The CUDA GEMV beyond SHAPES: long K, groups of 256 and 384, a long K with a 64-group,
+# and one K that is no multiple of its 128-wide k-steps (a partial last step).
+LONG_SHAPES = SHAPES + [(40, 11008, 128), (33, 4096, 256), (17, 6144, 384), (24, 7168, 64), (9, 6176, 32)]
+
+
+def cuda_only(test):
+    """A test of the CUDA kernels only: marked `cuda`, skipped without a GPU."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
+
+
+@cuda_only
+@pytest.mark.parametrize("n,k,group", LONG_SHAPES)
+@pytest.mark.parametrize("tokens", [t for t in TOKENS if t <= kernels.W4A16_GEMV_MAX_TOKENS])
+def test_cuda_gemv_long_shapes_match_reference(tokens, n, k, group):
+    ext = compiled("cuda")
+    for dtype in dtypes_for("cuda"):
+        qweight, scales, zeros = random_weight(n, k, group, dtype, "cuda", seed=n + k + tokens)
+        x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tokens)).to(dtype).cuda()
+        out = ext.gemv(x, qweight, scales, zeros)
+        assert_matches(out, x, qweight, scales, zeros)
+        assert torch.equal(kernels.w4a16_linear(x, qweight, scales, zeros), out)
+
+
+@cuda_only
+@pytest.mark.parametrize("group", [32, 128])
+def test_cuda_gemv_extreme_nibbles_and_infinities(group):
+    """Every q/z extreme; then x with infinities (one in the last k, in the partial last
+    k-step where K is no multiple of 128): inf and NaN where the reference has them,
+    the other outputs within tolerance."""
+    ext = compiled("cuda")
+    n, k = 9, 4 * group
+    for dtype in dtypes_for("cuda"):
+        for q_value, z_value in ((0, 15), (15, 0), (15, 15), (8, 7)):
+            qweight = pack_int4(torch.full((n, k), q_value, dtype=torch.uint8)).cuda()
+            scales = torch.full((n, k // group), 0.25, dtype=dtype, device="cuda")
+            zeros = torch.full((n, k // group), float(z_value), dtype=dtype, device="cuda")
+            x = torch.randn(3, k, generator=torch.Generator().manual_seed(q_value)).to(dtype).cuda()
+            assert_matches(ext.gemv(x, qweight, scales, zeros), x, qweight, scales, zeros)
+        for rows, width, g in ((20, 4 * group, group), (20, 448, 64), (9, 6176, 32)):
+            qweight, scales, zeros = random_weight(rows, width, g, dtype, "cuda", seed=width)
+            x = torch.randn(3, width, generator=torch.Generator().manual_seed(width)).to(dtype)
+            x[0, -1], x[1, 5] = float("inf"), float("-inf")
+            out = ext.gemv(x.cuda(), qweight, scales, zeros).cpu()
+            ref = reference_linear(x, qweight, scales, zeros).to(dtype)
+            assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+            assert torch.equal(out[out.isinf()], ref[ref.isinf()])
+            assert_matches(out[2:].cuda(), x[2:].cuda(), qweight, scales, zeros)
+
+
+@pytest.mark.parametrize("tokens", [17, 40, 100])
+def test_cpu_gemv_takes_any_number_of_tokens(tokens):
+    qweight, scales, zeros = random_weight(33, 576, 64)
+    x = torch.randn(tokens, 576)
+    assert_matches(compiled("cpu").gemv(x, qweight, scales, zeros), x, qweight, scales, zeros)
+
+
+def test_cpu_gemv_of_unit_vectors_is_the_weight_exactly():
+    """x = identity: row m of the output is column m of w, every nibble in its place."""
+    qweight, scales, zeros = random_weight(13, 192, 64)
+    w = reference.dequantize_w4(qweight, scales, zeros)
+    for m0 in range(0, 192, 16):  # 16 tokens at a time, as in decode
+        eye = torch.eye(192)[m0:m0 + 16]
+        assert torch.equal(compiled("cpu").gemv(eye, qweight, scales, zeros), w[:, m0:m0 + 16].t())
+
+
+def test_extreme_nibbles_and_zero_points():
+    """All 0s and all 15s (every word's sign bit set) against zero points 15 and 0."""
+    n, k, group = 9, 128, 32
+    for q_value, z_value in ((0, 15), (15, 0), (15, 15), (8, 7)):
+        qweight = pack_int4(torch.full((n, k), q_value, dtype=torch.uint8))
+        scales = torch.full((n, k // group), 0.25)
+        zeros = torch.full((n, k // group), float(z_value))
+        x = torch.randn(3, k)
+        out = kernels.w4a16_linear(x, qweight, scales, zeros)
+        expected = (q_value - z_value) * 0.25 * x.sum(1, keepdim=True).expand(3, n)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_infinities_and_nans_as_in_the_reference(dtype):
+    """inf * w is +-inf (NaN where w = 0) as in x @ w^T, not the inf - inf = NaN of the
+    factorised sums; a NaN poisons its row. Rows without them stay on the fast path."""
+    qweight, scales, zeros = random_weight(20, 192, 64, dtype, seed=1)
+    zeros[3] = 5.0
+    qweight[3] = pack_int4(torch.full((1, 192), 5, dtype=torch.uint8))  # row 3: w = 0
+    x = torch.randn(4, 192, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x[0, -1], x[1, 5], x[2, 7] = float("inf"), float("-inf"), float("nan")
+    out = kernels.w4a16_linear(x, qweight, scales, zeros)
+    ref = reference_linear(x, qweight, scales, zeros).to(dtype)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    assert torch.equal(out[out.isinf()], ref[ref.isinf()])
+    assert_matches(out[3:], x[3:], qweight, scales, zeros)
+
+
+def test_non_contiguous_activations_are_accepted():
+    qweight, scales, zeros = random_weight(10, 64, 32)
+    hidden = torch.randn(2, 5, 64)
+    last = hidden[:, -1]  # a strided view: the last token's hidden state
+    torch.testing.assert_close(kernels.w4a16_linear(last, qweight, scales, zeros),
+                               reference_linear(last.contiguous(), qweight, scales, zeros))
+
+
+def test_empty_inputs():
+    qweight, scales, zeros = random_weight(0, 64, 32)
+    assert kernels.w4a16_linear(torch.randn(3, 64), qweight, scales, zeros).shape == (3, 0)
+    assert kernels.dequantize_w4(qweight, scales, zeros).shape == (0, 64)
+    qweight, scales, zeros = random_weight(5, 64, 32)
+    assert kernels.w4a16_linear(torch.randn(0, 64), qweight, scales, zeros).shape == (0, 5)
+
+
+@pytest.fixture(scope="module")
+def portable_cpu_extension():
+    """The CPU kernel built without its AVX2 code (-DMINIDEPLOY_W4A16_SCALAR): what
+    non-x86 machines run. Compiled once per source version (about a minute)."""
+    import hashlib
+
+    from torch.utils import cpp_extension
+
+    source = build.CSRC / "cpu" / "w4a16.cpp"
+    name = f"minideploy_w4a16_portable_{hashlib.sha256(source.read_bytes()).hexdigest()[:12]}"
+    directory = build.cache_root() / name
+    directory.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(name=name, sources=[str(source)], build_directory=str(directory),
+                              extra_cflags=[*build.CPU_CFLAGS, "-DMINIDEPLOY_W4A16_SCALAR"],
+                              extra_ldflags=list(build.CPU_LDFLAGS))
+
+
+@pytest.mark.parametrize("n,k,group", SHAPES)
+def test_portable_cpu_kernel_matches_reference(portable_cpu_extension, n, k, group):
+    for dtype in dtypes_for("cpu"):
+        qweight, scales, zeros = random_weight(n, k, group, dtype, seed=n + k)
+        for tokens in (1, 2, 5, 16):
+            x = torch.randn(tokens, k).to(dtype)
+            assert_matches(portable_cpu_extension.gemv(x, qweight, scales, zeros), x, qweight, scales,
+                           zeros)
+        assert torch.equal(portable_cpu_extension.dequantize(qweight, scales, zeros),
+                           reference.dequantize_w4(qweight, scales, zeros))
+
+
+@settings(max_examples=40, deadline=None)
+@given(tokens=st.integers(1, 20), n=st.integers(1, 40), groups=st.integers(1, 4),
+       group_32s=st.integers(1, 8), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       seed=st.integers(0, 2**16))
+def test_cpu_gemv_property(tokens, n, groups, group_32s, dtype, seed):
+    """Any shape the layout allows: the GEMV (any token count) agrees with the reference."""
+    group = 32 * group_32s
+    qweight, scales, zeros = random_weight(n, group * groups, group, dtype, seed=seed)
+    x = torch.randn(tokens, group * groups, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    assert_matches(compiled("cpu").gemv(x, qweight, scales, zeros), x, qweight, scales, zeros)
+
+
+# ---------------------------------------------------------------------------
+# Dequantize
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,k,group", SHAPES)
+def test_dequantize_matches_reference(device, n, k, group):
+    for dtype in dtypes_for(device) + ([torch.float32] if device == "cuda" else []):
+        qweight, scales, zeros = random_weight(n, k, group, dtype, device, seed=n * k)
+        out = kernels.dequantize_w4(qweight, scales, zeros)
+        ref = reference.dequantize_w4(qweight.cpu(), scales.cpu(), zeros.cpu())
+        assert out.dtype == dtype and out.shape == (n, k) and out.device.type == device
+        if device == "cpu" or dtype == torch.float32:
+            # (q - z) * s in float32, rounded once to the dtype: bit for bit
+            assert torch.equal(out.cpu(), ref)
+        else:
+            torch.testing.assert_close(out.cpu(), ref)  # within the dtype's rounding
+
+
+# ---------------------------------------------------------------------------
+# The input contract: same checks (and on the CPU the same messages) as the reference
+# ---------------------------------------------------------------------------
+
+def _call(device, tokens=2, n=8, k=96, group=32, x_dtype=None, qweight=None, scales=None,
+          zeros=None, x=None, op="linear"):
+    """A call with one argument replaced; arguments not given are valid float16 on `device`."""
+    dtype = torch.float16
+    q0, s0, z0 = random_weight(n, k, group, dtype, device)
+    qweight = q0 if qweight is None else qweight(q0)
+    scales = s0 if scales is None else scales(s0)
+    zeros = z0 if zeros is None else zeros(z0)
+    x = torch.randn(tokens, k, device=device).to(x_dtype or dtype) if x is None else x(device)
+    if op == "dequantize":
+        return lambda: kernels.dequantize_w4(qweight, scales, zeros)
+    return lambda: kernels.w4a16_linear(x, qweight, scales, zeros)
+
+
+def _non_contiguous(t):
+    """Same shape and values, transposed storage."""
+    return t.t().contiguous().t()
+
+
+# case -> (the argument `_call` replaces, the message: literal text or a regex)
+BAD_CALLS = {
+    "qweight int64": (dict(qweight=lambda q: q.long()), "qweight must be 2-D int32"),
+    "qweight 1-D": (dict(qweight=lambda q: q.flatten()), "qweight must be 2-D int32"),
+    "group of 16": (dict(scales=lambda s: s.repeat(1, 2), zeros=lambda z: z.repeat(1, 2)),
+                    "group size 16 (in_features 96 / 6 groups) must be a multiple of 32"),
+    "groups not dividing": (dict(scales=lambda s: s.repeat(1, 2)[:, :5].contiguous(),
+                                 zeros=lambda z: z.repeat(1, 2)[:, :5].contiguous()),
+                            "scales must have shape [out_features=8, groups] with groups dividing "
+                            "in_features=96"),
+    "scales rows": (dict(scales=lambda s: s[:5].contiguous()), "scales must have shape"),
+    # a float16/bfloat16-only (CUDA) kernel may leave out float32
+    "scales float64": (dict(scales=lambda s: s.double()),
+                       re.compile(r"scales must be (float32, )?float16 or bfloat16, got float64")),
+    "zeros dtype": (dict(zeros=lambda z: z.bfloat16()),
+                    "zeros must have the dtype of scales (float16), got bfloat16"),
+    "zeros shape": (dict(zeros=lambda z: z[:, :1].contiguous()),
+                    "zeros must have the shape of scales [8,3], got [8,1]"),
+    "x dtype": (dict(x_dtype=torch.bfloat16), "x must have the dtype of scales (float16), got bfloat16"),
+    "x in_features": (dict(x=lambda device: torch.randn(2, 64, device=device).half()),
+                      "x must be 2-D [tokens, in_features=96], got shape [2,64]"),
+    "qweight non-contiguous": (dict(qweight=_non_contiguous), "qweight must be contiguous"),
+    "scales non-contiguous": (dict(scales=_non_contiguous), "scales must be contiguous"),
+    "zeros non-contiguous": (dict(zeros=_non_contiguous), "zeros must be contiguous"),
+}
+DEQUANTIZE_CASES = [case for case in BAD_CALLS if not case.startswith("x ")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", BAD_CALLS, ids=str)
+def test_bad_input_names_the_problem(device, case):
+    change, message = BAD_CALLS[case]
+    pattern = message if isinstance(message, re.Pattern) else re.escape(message)
+    with pytest.raises((RuntimeError, ValueError), match=pattern):
+        _call(device, **change)()
+    if case in DEQUANTIZE_CASES:
+        with pytest.raises((RuntimeError, ValueError), match=pattern):
+            _call(device, op="dequantize", **change)()
+
+
+@pytest.mark.parametrize("case", BAD_CALLS, ids=str)
+def test_cpu_bad_input_reads_like_the_reference(case, monkeypatch):
+    change, _ = BAD_CALLS[case]
+    messages = []
+    for mode in ("compiled", "reference"):
+        monkeypatch.setenv(kernels.ENV_VAR, mode)
+        with pytest.raises((RuntimeError, ValueError)) as info:
+            _call("cpu", **change)()
+        messages.append(str(info.value).splitlines()[0])
+    assert messages[0] == messages[1]
+
+
+def test_cpu_gemv_checks_its_own_inputs():
+    """What the dispatch never sends: a non-contiguous x, a tensor on another device."""
+    ext = compiled("cpu")
+    qweight, scales, zeros = random_weight(8, 64, 32)
+    with pytest.raises(RuntimeError, match="w4a16_linear: x must be contiguous"):
+        ext.gemv(torch.randn(64, 2).t(), qweight, scales, zeros)
+    with pytest.raises(RuntimeError, match="w4a16_linear: x must be 2-D"):
+        ext.gemv(torch.randn(2, 1, 64), qweight, scales, zeros)
+    with pytest.raises(RuntimeError, match="w4a16_linear: x must have the dtype of scales"):
+        ext.gemv(torch.ones(2, 64, dtype=torch.int32), qweight, scales, zeros)
+    if torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="qweight must be a CPU tensor"):
+            ext.dequantize(qweight.cuda(), scales, zeros)
