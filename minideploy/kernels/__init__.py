@@ -22,8 +22,8 @@ import torch
 from minideploy.kernels import reference
 from minideploy.kernels.build import KernelBuildError, cuda_arch, load, try_load
 
-__all__ = ["rms_norm", "add_rms_norm", "rope", "linear", "w4a16_linear", "dequantize_w4", "backend_for",
-           "KernelBuildError", "reference"]
+__all__ = ["rms_norm", "add_rms_norm", "rope", "linear", "w4a16_linear", "dequantize_w4", "store_kv",
+           "decode_attention", "decode_attention_fits", "silu_and_mul", "backend_for", "KernelBuildError", "reference"]
 
 ENV_VAR = "MINIDEPLOY_KERNELS"
 MODES = ("auto", "reference", "compiled")
@@ -39,6 +39,8 @@ W4A16 = "w4a16"  # int4-weight linear: GEMV for decode, dequantize + matmul beyo
 # Up to this many tokens the W4A16 GEMV (weights dequantized in registers, read once for
 # every token) is used; a longer prompt dequantizes the weight once and calls the matmul.
 W4A16_GEMV_MAX_TOKENS = 16
+ATTENTION = "attention"  # store_kv and decode_attention
+ACTIVATION = "activation"  # silu_and_mul
 
 
 def _mode() -> str:
@@ -144,3 +146,47 @@ def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     if ext is None:
         return reference.dequantize_w4(qweight, scales, zeros)
     return ext.dequantize(qweight, scales, zeros)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """Write k, v [num_tokens, num_kv_heads, head_dim] into cache slots, in place (one launch).
+
+    The caches (contiguous, any leading dims) are seen as [num_slots, num_kv_heads, head_dim];
+    slots [num_tokens] int64 or int32, a negative slot is skipped (padding). Rows of k and v
+    must be contiguous; the stride between rows is free (v may be a slice of the qkv output).
+    On CUDA an out-of-range slot is not checked (that would synchronise): it is skipped.
+    """
+    ext = _extension(ATTENTION, k.device)
+    if ext is None:
+        reference.store_kv(k, v, k_cache, v_cache, slots)
+    else:
+        ext.store_kv(k, v, k_cache, v_cache, slots)
+
+
+def decode_attention_fits(head_dim: int) -> bool:
+    """Whether decode_attention takes heads of this size (on every backend)."""
+    return 0 < head_dim <= reference.MAX_HEAD_DIM and head_dim % reference.HEAD_DIM_MULTIPLE == 0
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one new token per sequence over its paged cache -> [batch, num_heads, head_dim].
+
+    q [batch, num_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads, head_dim];
+    block_tables [batch, max_blocks] int32; context_lens [batch] int32 (keys 0..len-1).
+    Float32 softmax; GQA. On CUDA nothing depends on the host value of context_lens (CUDA
+    graphs replay it); a bad length or block id gives NaN there instead of an error.
+    """
+    ext = _extension(ATTENTION, q.device)
+    if ext is None:
+        return reference.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return ext.decode_attention(q, k_cache, v_cache, block_tables, context_lens, float(scale))
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [num_tokens, 2 * I] = [gate | up] -> silu(gate) * up [num_tokens, I], in one pass."""
+    ext = _extension(ACTIVATION, gate_up.device)
+    if ext is None:
+        return reference.silu_and_mul(gate_up)
+    return ext.silu_and_mul(gate_up)

@@ -10,6 +10,8 @@ every backend.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -222,3 +224,189 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     """x [M, K] @ dequantize_w4(...)^T → [M, N] in x's dtype."""
     check_w4a16_args("w4a16_linear", qweight, scales, zeros, x)
     return torch.nn.functional.linear(x, dequantize_w4(qweight, scales, zeros))
+
+
+# --- KV cache writes and decode attention --------------------------------------------
+#
+# A KV cache is seen by the kernels as slots: [num_slots, num_kv_heads, head_dim], any
+# leading dims flattened (the contiguous KVCache's layer [max_batch, max_seq_len, ...] has
+# slot = row * max_seq_len + position; a paged cache [num_blocks, block_size, ...] has
+# slot = block * block_size + offset). Decode attention reads it as blocks
+# [num_blocks, block_size, num_kv_heads, head_dim] through a block table: token t of
+# sequence b sits in block block_tables[b, t // block_size], at offset t % block_size.
+SLOT_DTYPES = (torch.int64, torch.int32)
+MAX_HEAD_DIM = 256
+HEAD_DIM_MULTIPLE = 8
+
+
+def _strides(t: torch.Tensor) -> str:
+    return str(list(t.stride())).replace(" ", "")
+
+
+def _rows_contiguous(t: torch.Tensor) -> bool:
+    """t [n, a, b] with every t[i] contiguous (the stride between the t[i] is free)."""
+    return (t.shape[2] <= 1 or t.stride(2) == 1) and (t.shape[1] <= 1 or t.stride(1) == t.shape[2])
+
+
+def check_store_kv_args(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slots: torch.Tensor) -> None:
+    op = "store_kv"
+    _check_float(op, "k", k)
+    if k.dim() != 3:
+        _fail(f"{op}: k must be 3-D [num_tokens, num_kv_heads, head_dim], got shape {_shape(k)}")
+    if not _rows_contiguous(k):
+        _fail(f"{op}: k must have contiguous rows (strides [*, head_dim, 1]), got strides {_strides(k)}")
+    _check_like(op, "v", v, "k", k)
+    if v.shape != k.shape:
+        _fail(f"{op}: v must have the shape of k {_shape(k)}, got {_shape(v)}")
+    if not _rows_contiguous(v):
+        _fail(f"{op}: v must have contiguous rows (strides [*, head_dim, 1]), got strides {_strides(v)}")
+    _check_like(op, "k_cache", k_cache, "k", k)
+    if k_cache.dim() < 3 or tuple(k_cache.shape[-2:]) != tuple(k.shape[1:]):
+        _fail(f"{op}: k_cache must have shape [..., num_slots, num_kv_heads, head_dim]="
+              f"[...,*,{k.shape[1]},{k.shape[2]}], got {_shape(k_cache)}")
+    _check_contiguous(op, "k_cache", k_cache)
+    _check_like(op, "v_cache", v_cache, "k_cache", k_cache)
+    if v_cache.shape != k_cache.shape:
+        _fail(f"{op}: v_cache must have the shape of k_cache {_shape(k_cache)}, got {_shape(v_cache)}")
+    _check_contiguous(op, "v_cache", v_cache)
+    if slots.dtype not in SLOT_DTYPES:
+        _fail(f"{op}: slots must be int64 (or int32), got {dtype_name(slots.dtype)}")
+    if slots.device != k.device:
+        _fail(f"{op}: slots must be on k's device {k.device}, got {slots.device}")
+    if slots.dim() != 1 or slots.shape[0] != k.shape[0]:
+        _fail(f"{op}: slots must have shape [num_tokens]=[{k.shape[0]}], got {_shape(slots)}")
+    _check_contiguous(op, "slots", slots)
+    # A GPU check would synchronise: there, out-of-range slots are skipped instead.
+    if slots.device.type == "cpu" and slots.numel() > 0:
+        num_slots = k_cache.numel() // max(1, k.shape[1] * k.shape[2])
+        bad = slots[slots >= num_slots]
+        if bad.numel():
+            _fail(f"{op}: slots must be < num_slots={num_slots} (or negative: skip), got {int(bad[0])}")
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """k_cache[slots[i]] = k[i] and v_cache[slots[i]] = v[i], in place; slots[i] < 0: skipped.
+
+    k, v [num_tokens, num_kv_heads, head_dim] (rows contiguous); caches [..., num_kv_heads,
+    head_dim] contiguous, seen as [num_slots, num_kv_heads, head_dim]; slots [num_tokens].
+    """
+    check_store_kv_args(k, v, k_cache, v_cache, slots)
+    keep = slots >= 0
+    index = slots[keep].long()
+    for src, cache in ((k, k_cache), (v, v_cache)):
+        flat = cache.view(-1, *src.shape[1:])  # [num_slots, num_kv_heads, head_dim]
+        if slots.device.type != "cpu":  # out-of-range slots are skipped, as on the GPU
+            inside = index < flat.shape[0]
+            flat.index_copy_(0, index[inside], src[keep][inside])
+        else:
+            flat.index_copy_(0, index, src[keep])
+
+
+def check_decode_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                scale: float) -> None:
+    op = "decode_attention"
+    _check_float(op, "q", q)
+    if q.dim() != 3:
+        _fail(f"{op}: q must be 3-D [batch, num_heads, head_dim], got shape {_shape(q)}")
+    batch, num_heads, head_dim = q.shape
+    if not (0 < head_dim <= MAX_HEAD_DIM and head_dim % HEAD_DIM_MULTIPLE == 0):
+        _fail(f"{op}: q must have a head_dim that is a multiple of {HEAD_DIM_MULTIPLE} in "
+              f"[{HEAD_DIM_MULTIPLE}, {MAX_HEAD_DIM}], got shape {_shape(q)}")
+    _check_contiguous(op, "q", q)
+    _check_like(op, "k_cache", k_cache, "q", q)
+    if k_cache.dim() != 4 or k_cache.shape[3] != head_dim:
+        _fail(f"{op}: k_cache must have shape [num_blocks, block_size, num_kv_heads, head_dim]="
+              f"[*,*,*,{head_dim}], got {_shape(k_cache)}")
+    if k_cache.shape[1] == 0 or k_cache.shape[2] == 0:
+        _fail(f"{op}: k_cache must have block_size > 0 and num_kv_heads > 0, got shape {_shape(k_cache)}")
+    if num_heads % k_cache.shape[2]:
+        _fail(f"{op}: q's num_heads ({num_heads}) must be a multiple of k_cache's num_kv_heads "
+              f"({k_cache.shape[2]})")
+    _check_contiguous(op, "k_cache", k_cache)
+    _check_like(op, "v_cache", v_cache, "k_cache", k_cache)
+    if v_cache.shape != k_cache.shape:
+        _fail(f"{op}: v_cache must have the shape of k_cache {_shape(k_cache)}, got {_shape(v_cache)}")
+    _check_contiguous(op, "v_cache", v_cache)
+    for arg, t, shape in (("block_tables", block_tables, "[batch, max_blocks]"),
+                          ("context_lens", context_lens, "[batch]")):
+        if t.dtype != torch.int32:
+            _fail(f"{op}: {arg} must be int32, got {dtype_name(t.dtype)}")
+        if t.device != q.device:
+            _fail(f"{op}: {arg} must be on q's device {q.device}, got {t.device}")
+        if t.dim() != shape.count(",") + 1 or t.shape[0] != batch:
+            _fail(f"{op}: {arg} must have shape {shape} with batch={batch}, got {_shape(t)}")
+        _check_contiguous(op, arg, t)
+    if not math.isfinite(scale):
+        _fail(f"{op}: scale must be finite, got {scale}")
+    # Value checks need the host: on a GPU a bad length or block gives NaN outputs instead.
+    if q.device.type == "cpu" and batch > 0:
+        num_blocks, block_size = k_cache.shape[:2]
+        capacity = block_tables.shape[1] * block_size
+        bad = context_lens[(context_lens < 0) | (context_lens > capacity)]
+        if bad.numel():
+            _fail(f"{op}: context_lens must lie in [0, {capacity}] (max_blocks * block_size), "
+                  f"got {int(bad[0])}")
+        used = torch.arange(block_tables.shape[1]) * block_size < context_lens[:, None]
+        if used.any():
+            ids = block_tables[used]
+            bad = ids[(ids < 0) | (ids >= num_blocks)]
+            if bad.numel():
+                _fail(f"{op}: block_tables must hold block ids in [0, {num_blocks}) for every "
+                      f"block a sequence uses, got {int(bad[0])}")
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Attention of one new query per sequence over its cached keys 0..context_lens[b]-1.
+
+    q [batch, num_heads, head_dim]; k_cache, v_cache [num_blocks, block_size, num_kv_heads,
+    head_dim]; block_tables [batch, max_blocks] int32; context_lens [batch] int32. Query head
+    h reads kv head h // (num_heads // num_kv_heads) (grouped-query attention, as Hugging
+    Face's repeat_kv). softmax(scale * q k^T) v in float32 -> [batch, num_heads, head_dim]
+    in q's dtype; a sequence with no keys gets zeros.
+    """
+    check_decode_attention_args(q, k_cache, v_cache, block_tables, context_lens, scale)
+    batch, num_heads, head_dim = q.shape
+    num_blocks, block_size, kv_heads, _ = k_cache.shape
+    lens = context_lens.long()
+    span = block_tables.shape[1] * block_size
+    if q.device.type == "cpu" and batch > 0:  # no need to gather keys beyond the longest sequence
+        span = int(lens.max())
+    t = torch.arange(span, device=q.device)
+    valid = t[None, :] < lens[:, None]                                    # [batch, span]
+    blocks = block_tables.long()[:, t // block_size]                      # [batch, span]
+    slots = torch.where(valid, blocks * block_size + t % block_size, 0)   # padding reads slot 0
+    keys = k_cache.reshape(-1, kv_heads, head_dim)[slots].float()         # [batch, span, kv_heads, head_dim]
+    values = v_cache.reshape(-1, kv_heads, head_dim)[slots].float()
+    values = values.masked_fill(~valid[:, :, None, None], 0.0)            # padding weighs 0, even if NaN
+    qf = q.float().view(batch, kv_heads, num_heads // kv_heads, head_dim)
+    scores = torch.einsum("bkgd,btkd->bkgt", qf, keys) * scale           # [batch, kv_heads, group, span]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.where(lens[:, None, None, None] > 0, probs, 0.0)       # no keys: zeros, not NaN
+    out = torch.einsum("bkgt,btkd->bkgd", probs, values)
+    return out.reshape(batch, num_heads, head_dim).to(q.dtype)
+
+
+def check_silu_and_mul_args(gate_up: torch.Tensor) -> None:
+    op = "silu_and_mul"
+    _check_float(op, "gate_up", gate_up)
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        _fail(f"{op}: gate_up must be 2-D [num_tokens, 2 * intermediate] (an even width), "
+              f"got shape {_shape(gate_up)}")
+    _check_contiguous(op, "gate_up", gate_up)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation: gate_up [num_tokens, 2 * I] = [gate | up] -> silu(gate) * up [num_tokens, I].
+
+    Hugging Face's order (gate_proj rows first) and roundings: silu in float32,
+    rounded to the dtype, then the product, rounded again.
+    """
+    check_silu_and_mul_args(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

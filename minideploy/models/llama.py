@@ -1,15 +1,19 @@
 """The native Llama-family model, in plain PyTorch, readable top to bottom.
 
-RMSNorm and RoPE go through `minideploy.kernels` (CUDA / C++ / reference);
-everything else is ordinary torch. Tokens travel flattened, `[num_tokens,
+RMSNorm, RoPE, the linears, the KV-cache write, decode attention and the
+SwiGLU activation go through `minideploy.kernels` (CUDA / C++ / reference);
+prefill attention is torch's SDPA. Tokens travel flattened, `[num_tokens,
 hidden]`; attention metadata travels in an explicit `ForwardContext`.
 
 The KV cache here is contiguous: one row of `max_seq_len` slots per batch
-entry, preallocated once per batch (gpt-fast style). Chapter 4 replaces it with
-a paged cache behind the same two calls: `store` and `keys_values`.
+entry, preallocated once per batch (gpt-fast style). The kernels already see it
+as a paged cache whose blocks are whole rows (slot = row * max_seq_len +
+position; block table of row r = [r]), so chapter 4's paged cache plugs in
+behind the same calls: `prepare`, `store`, `blocks` and `keys_values`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -27,13 +31,22 @@ class ForwardContext:
     """Where the tokens of one forward pass sit.
 
     positions: [batch, seq] position of each input token in its sequence.
-    kv_len: keys/values 0..kv_len-1 of each cache row are attended to.
+    kv_len: keys/values 0..kv_len-1 of each cache row are attended to (prefill).
     first_row: batch entry b uses cache row first_row + b.
+    The kernels' view of the same facts, computed once per forward by
+    `KVCache.prepare` (CUDA graphs pass static buffers instead):
+    slots: [batch * seq] int64, the cache slot each new token's K/V goes to.
+    block_tables: [batch, max_blocks] int32, the cache blocks of each sequence.
+    context_lens: [batch] int32, the keys each sequence attends to once its new
+        tokens are stored (decode: position + 1).
     """
 
     positions: torch.Tensor
     kv_len: int
     first_row: int = 0
+    slots: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -54,11 +67,35 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    def prepare(self, ctx: ForwardContext) -> ForwardContext:
+        """`ctx` with the kernels' metadata filled in where missing (once per forward).
+
+        A row is one block of max_seq_len slots: token p of batch entry b goes to slot
+        (first_row + b) * max_seq_len + p, and b's block table is [first_row + b].
+        """
+        if ctx.slots is not None and ctx.block_tables is not None and ctx.context_lens is not None:
+            return ctx
+        positions = ctx.positions                                 # [batch, seq]
+        rows = torch.arange(ctx.first_row, ctx.first_row + ctx.batch_size, device=positions.device)
+        fill = {}
+        if ctx.slots is None:
+            fill["slots"] = (rows[:, None] * self.max_seq_len + positions).reshape(-1)
+        if ctx.block_tables is None:
+            fill["block_tables"] = rows[:, None].to(torch.int32)  # [batch, 1]
+        if ctx.context_lens is None:
+            fill["context_lens"] = (positions[:, -1] + 1).to(torch.int32)
+        return dataclasses.replace(ctx, **fill)
+
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> None:
-        """Write k, v [batch, seq, num_kv_heads, head_dim] at their positions."""
-        rows = torch.arange(ctx.first_row, ctx.first_row + ctx.batch_size, device=k.device)
-        self.k[layer].index_put_((rows[:, None], ctx.positions), k)
-        self.v[layer].index_put_((rows[:, None], ctx.positions), v)
+        """Write k, v [num_tokens, num_kv_heads, head_dim] into the slots `ctx.slots` (one kernel)."""
+        if ctx.slots is None:
+            raise ValueError("ForwardContext has no slots: pass it through KVCache.prepare first "
+                             "(LlamaModel.forward does)")
+        kernels.store_kv(k, v, self.k[layer], self.v[layer], ctx.slots)
+
+    def blocks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's K and V as [num_blocks, block_size, num_kv_heads, head_dim]: a row is a block."""
+        return self.k[layer], self.v[layer]
 
     def keys_values(self, layer: int, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Views [batch, kv_len, num_kv_heads, head_dim] of the rows in use."""
@@ -123,17 +160,25 @@ class Attention(nn.Module):
         # q, k and v share one matmul: one pass over the activations instead of three.
         self.qkv = Linear(config.hidden_size, config.q_size + 2 * config.kv_size)
         self.o = Linear(config.q_size, config.hidden_size)
+        self.scale = 1.0 / math.sqrt(config.head_dim)  # SDPA's default
 
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, ctx: ForwardContext,
-                cache: KVCache, visible: torch.Tensor) -> torch.Tensor:
+                cache: KVCache, visible: torch.Tensor | None) -> torch.Tensor:
+        """`visible` [batch, 1, seq, kv_len] is SDPA's mask; None: decode (seq == 1) with
+        the decode-attention kernel, which reads each sequence's length instead of a mask."""
         c = self.config
         batch, seq = ctx.positions.shape
         q, k, v = self.qkv(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = q.reshape(-1, c.num_heads, c.head_dim).contiguous()  # [num_tokens, num_heads, head_dim]
         k = k.reshape(-1, c.num_kv_heads, c.head_dim).contiguous()
         q, k = kernels.rope(q, k, ctx.positions.reshape(-1), cos_sin)
-        cache.store(self.layer, k.view(batch, seq, c.num_kv_heads, c.head_dim),
-                    v.view(batch, seq, c.num_kv_heads, c.head_dim), ctx)
+        # v stays a strided view of the qkv output: store_kv reads rows with any stride.
+        cache.store(self.layer, k, v.view(-1, c.num_kv_heads, c.head_dim), ctx)
+        if visible is None:  # decode: one query per sequence over its cache
+            k_blocks, v_blocks = cache.blocks(self.layer)
+            out = kernels.decode_attention(q, k_blocks, v_blocks, ctx.block_tables, ctx.context_lens,
+                                           self.scale)  # [batch, num_heads, head_dim]
+            return self.o(out.view(batch, c.q_size))
         keys, values = cache.keys_values(self.layer, ctx)  # [batch, kv_len, num_kv_heads, head_dim]
         out = F.scaled_dot_product_attention(
             q.view(batch, seq, c.num_heads, c.head_dim).transpose(1, 2),
@@ -149,8 +194,7 @@ class MLP(nn.Module):
         self.down = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(kernels.silu_and_mul(self.gate_up(x)))  # silu(gate) * up, one pass
 
 
 class DecoderLayer(nn.Module):
@@ -187,10 +231,13 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, cache: KVCache) -> torch.Tensor:
         """input_ids [batch, seq] → final hidden states [batch, seq, hidden] (after the norm)."""
         h = self.embed(input_ids.reshape(-1))  # [num_tokens, hidden]
-        # A query at position p sees keys 0..p: causal within the prompt, everything cached
-        # before. [batch, 1, seq, kv_len], built once and shared by every layer.
-        visible = (torch.arange(ctx.kv_len, device=h.device)[None, None, :]
-                   <= ctx.positions[:, :, None])[:, None]
+        ctx = cache.prepare(ctx)  # slots, block tables, context lengths: once, for every layer
+        visible = None  # decode: the kernel reads context_lens, no mask to build
+        if ctx.positions.shape[1] > 1 or not kernels.decode_attention_fits(self.config.head_dim):
+            # A query at position p sees keys 0..p: causal within the prompt, everything cached
+            # before. [batch, 1, seq, kv_len], built once and shared by every layer.
+            visible = (torch.arange(ctx.kv_len, device=h.device)[None, None, :]
+                       <= ctx.positions[:, :, None])[:, None]
         residual = None
         for layer in self.layers:
             h, residual = layer(h, residual, self.cos_sin, ctx, cache, visible)
@@ -198,7 +245,10 @@ class LlamaModel(nn.Module):
         return h.view(*input_ids.shape, -1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """hidden [..., hidden] → float32 logits [..., vocab]; 2-D into the linear, so a decode
+        step's LM head (the largest matrix of a small model) takes the GEMV kernel."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        return self.lm_head(flat).float().view(*hidden.shape[:-1], -1)
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy weights named as in transformers' LlamaForCausalLM, fusing q/k/v and gate/up."""

@@ -68,7 +68,7 @@ class LayerCalibration:
         chunk, seq = cache.k.shape[1], x.shape[1]
         self.sub = x[:chunk]  # [chunk, seq, hidden]: the sequences that score candidates
         positions = torch.arange(seq, device=x.device).expand(self.sub.shape[0], -1)
-        self.ctx = ForwardContext(positions, seq)
+        self.ctx = cache.prepare(ForwardContext(positions, seq))
         self.visible = (torch.arange(seq, device=x.device)[None, None, :] <= positions[:, :, None])[:, None]
 
     def attention(self, x_normed: torch.Tensor) -> torch.Tensor:
@@ -91,7 +91,7 @@ class LayerCalibration:
         for start in range(0, self.x.shape[0], chunk):
             x = self.x[start:start + chunk]
             samples, seq, hidden = x.shape
-            ctx = ForwardContext(self.ctx.positions[:samples], seq)
+            ctx = self.cache.prepare(ForwardContext(self.ctx.positions[:samples], seq))
             out, residual = self.layer(x.reshape(-1, hidden), None, self.model.cos_sin, ctx, self.cache,
                                        self.visible[:samples])
             outputs.append((out + residual).view(samples, seq, hidden))

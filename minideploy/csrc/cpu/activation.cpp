@@ -1,0 +1,90 @@
+// SwiGLU's activation on the CPU: silu_and_mul(gate_up) = silu(gate) * up.
+//
+// What it computes (the specification is minideploy/kernels/reference.py):
+//   gate_up [num_tokens, 2 * I] holds [gate | up] per row (the fused gate_proj/up_proj
+//   output, Hugging Face's order) -> out [num_tokens, I] in gate_up's dtype, with
+//       s = silu(gate) = gate / (1 + exp(-gate))   in float32, rounded to the dtype,
+//       out = s * up                                in float32, rounded again
+//   (the roundings of torch's F.silu(gate) * up).
+//
+// Why this kernel: the MLP's activation is elementwise and memory-bound; torch
+// spends two passes and an intermediate tensor on it (silu, then mul). One pass
+// reads gate and up once and writes the product. Rows are split over OpenMP
+// threads only when there are enough of them to pay for waking the threads.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+namespace {
+
+constexpr int64_t kMinTaskElements = 1 << 15;
+
+template <typename scalar_t>
+void silu_and_mul_impl(const scalar_t* gate_up, scalar_t* out, int64_t num_tokens, int64_t width) {
+  const int64_t grain = std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(1, width));
+  at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const scalar_t* gate = gate_up + t * 2 * width;
+      const scalar_t* up = gate + width;
+      scalar_t* o = out + t * width;
+      for (int64_t i = 0; i < width; ++i) {
+        const float g = static_cast<float>(gate[i]);
+        const scalar_t s = static_cast<scalar_t>(g / (1.0f + std::exp(-g)));
+        o[i] = static_cast<scalar_t>(static_cast<float>(s) * static_cast<float>(up[i]));
+      }
+    }
+  });
+}
+
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kDouble: return "float64";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    default: return c10::toString(t);
+  }
+}
+
+std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? "," : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+at::Tensor silu_and_mul(const at::Tensor& gate_up) {
+  const char* op = "silu_and_mul";
+  const auto d = gate_up.scalar_type();
+  TORCH_CHECK(d == at::kFloat || d == at::kHalf || d == at::kBFloat16, op,
+              ": gate_up must be float32, float16 or bfloat16, got ", dtype_name(d));
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, op,
+              ": gate_up must be 2-D [num_tokens, 2 * intermediate] (an even width), got shape ",
+              shape_str(gate_up));
+  TORCH_CHECK(gate_up.is_contiguous(), op,
+              ": gate_up must be contiguous (call .contiguous() first)");
+  TORCH_CHECK(gate_up.device().is_cpu(), op,
+              ": gate_up must be a CPU tensor for the CPU kernel, got ", gate_up.device());
+  const int64_t num_tokens = gate_up.size(0), width = gate_up.size(1) / 2;
+  auto out = at::empty({num_tokens, width}, gate_up.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d, "silu_and_mul", [&] {
+    silu_and_mul_impl<scalar_t>(gate_up.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), num_tokens,
+                                width);
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "minideploy CPU kernels: SwiGLU activation";
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of gate_up = [gate | up] (CPU)",
+        py::arg("gate_up"));
+}

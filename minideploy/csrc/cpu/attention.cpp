@@ -1,0 +1,398 @@
+// KV-cache writes and decode attention on the CPU.
+//
+// What they compute (the specification is minideploy/kernels/reference.py):
+//   store_kv(k, v, k_cache, v_cache, slots):  in place,
+//       k_cache[slots[i]] = k[i], v_cache[slots[i]] = v[i]; slots[i] < 0 is skipped (padding).
+//       k, v [num_tokens, num_kv_heads, head_dim], each row k[i] contiguous (the stride
+//       between rows is free: v is usually a column slice of the fused qkv output);
+//       caches contiguous, any leading dims, seen as [num_slots, num_kv_heads, head_dim];
+//       slots [num_tokens] int64 or int32.
+//   decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale):
+//       q [batch, num_heads, head_dim] (one new token per sequence);
+//       caches [num_blocks, block_size, num_kv_heads, head_dim];
+//       block_tables [batch, max_blocks] int32, context_lens [batch] int32.
+//       Token t of sequence b is in block block_tables[b][t / block_size] at offset
+//       t % block_size; query head h reads kv head h / (num_heads / num_kv_heads).
+//       out[b, h] = softmax(scale * q[b, h] . K^T) V over t < context_lens[b], computed in
+//       float32, -> [batch, num_heads, head_dim] in q's dtype; no keys -> zeros.
+//
+// Why this design: at decode a sequence reads its whole cache once for one query,
+// so attention is a memory-bound stream over K and V. One task per (sequence,
+// kv head) walks that head's keys once and serves every query head of its group
+// (GQA) while each key row is in L1. Keys are scored in chunks of kChunk and the
+// softmax is kept online (running max and sum, rescaled once per chunk, as in
+// flash attention), so no buffer grows with the context. Tasks run on
+// at::parallel_for only when there is enough work to pay for waking the threads.
+// store_kv copies whole rows with memcpy; it is a byte copy, so every dtype shares it.
+// All value checks (slots, lengths, block ids) run before any parallel region: an
+// exception must never leave one.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunk = 64;           // keys scored before the running softmax is updated
+constexpr int64_t kMinTaskWork = 1 << 15;  // multiply-adds worth one parallel task
+constexpr int64_t kMinCopyBytes = 1 << 16;  // bytes of KV rows worth one parallel task
+constexpr int64_t kMaxHeadDim = 256;
+constexpr int64_t kHeadDimMultiple = 8;
+
+// ---------------------------------------------------------------------------
+// store_kv: a byte copy of each token's row into its slot.
+// ---------------------------------------------------------------------------
+
+template <typename slot_t>
+void store_kv_impl(const char* k, const char* v, int64_t k_stride, int64_t v_stride, char* k_cache,
+                   char* v_cache, const slot_t* slots, int64_t num_tokens, int64_t row_bytes) {
+  const int64_t grain = std::max<int64_t>(1, kMinCopyBytes / std::max<int64_t>(1, 2 * row_bytes));
+  at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t slot = static_cast<int64_t>(slots[t]);
+      if (slot < 0) continue;  // padding
+      std::memcpy(k_cache + slot * row_bytes, k + t * k_stride, row_bytes);
+      std::memcpy(v_cache + slot * row_bytes, v + t * v_stride, row_bytes);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// decode_attention: one task per (sequence, kv head), online softmax over chunks.
+// ---------------------------------------------------------------------------
+
+// 16 independent partial sums: a pattern gcc vectorises without -ffast-math.
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  constexpr int kLanes = 16;
+  float partial[kLanes] = {0.0f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) partial[j] += a[i + j] * b[i + j];
+  }
+  float sum = 0.0f;
+  for (int j = 0; j < kLanes; ++j) sum += partial[j];
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// A cache row as float32: the row itself for float, else converted into `buffer`.
+template <typename scalar_t>
+inline const float* as_float(const scalar_t* row, float* buffer, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return row;
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(row[i]);
+    return buffer;
+  }
+}
+
+struct AttentionShape {
+  int64_t batch, num_heads, kv_heads, group, head_dim, block_size, max_blocks;
+  float scale;
+};
+
+template <typename scalar_t>
+void decode_attention_impl(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
+                           const int32_t* block_tables, const int32_t* context_lens, scalar_t* out,
+                           const AttentionShape& s) {
+  const int64_t hd = s.head_dim, group = s.group;
+  int64_t total_keys = 0;
+  for (int64_t b = 0; b < s.batch; ++b) total_keys += context_lens[b];
+  const int64_t tasks = s.batch * s.kv_heads;
+  // Multiply-adds of an average task: scores and the weighted sum of values.
+  const int64_t task_work = std::max<int64_t>(1, 2 * total_keys * group * hd / std::max<int64_t>(1, s.batch));
+  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / task_work);
+
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    // Per-thread scratch, float32: queries, accumulators, one chunk of scores, a row.
+    std::vector<float> qf(group * hd), acc(group * hd), scores(group * kChunk), row(hd);
+    std::vector<float> run_max(group), run_sum(group);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / s.kv_heads, kvh = task % s.kv_heads;
+      const int64_t len = context_lens[b];
+      const int32_t* table = block_tables + b * s.max_blocks;
+      const int64_t head0 = kvh * group;
+      for (int64_t g = 0; g < group; ++g) {
+        const scalar_t* qrow = q + (b * s.num_heads + head0 + g) * hd;
+        for (int64_t d = 0; d < hd; ++d) qf[g * hd + d] = static_cast<float>(qrow[d]);
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(run_max.begin(), run_max.end(), -std::numeric_limits<float>::infinity());
+      std::fill(run_sum.begin(), run_sum.end(), 0.0f);
+
+      // Offset of token t's row of this kv head in a cache.
+      auto row_offset = [&](int64_t t) {
+        const int64_t block = table[t / s.block_size];
+        return ((block * s.block_size + t % s.block_size) * s.kv_heads + kvh) * hd;
+      };
+      for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
+        const int64_t n = std::min(kChunk, len - c0);
+        for (int64_t i = 0; i < n; ++i) {  // scores of the chunk, every head of the group
+          const float* kf = as_float(k_cache + row_offset(c0 + i), row.data(), hd);
+          for (int64_t g = 0; g < group; ++g) {
+            scores[g * kChunk + i] = dot(&qf[g * hd], kf, hd) * s.scale;
+          }
+        }
+        for (int64_t g = 0; g < group; ++g) {  // rescale the running sums to the new max
+          float* sc = &scores[g * kChunk];
+          float chunk_max = sc[0];
+          for (int64_t i = 1; i < n; ++i) chunk_max = std::max(chunk_max, sc[i]);
+          const float new_max = std::max(run_max[g], chunk_max);
+          const float alpha = std::exp(run_max[g] - new_max);  // 0 on the first chunk
+          float sum = run_sum[g] * alpha;
+          for (int64_t i = 0; i < n; ++i) {
+            sc[i] = std::exp(sc[i] - new_max);
+            sum += sc[i];
+          }
+          run_sum[g] = sum;
+          run_max[g] = new_max;
+          float* a = &acc[g * hd];
+#pragma omp simd
+          for (int64_t d = 0; d < hd; ++d) a[d] *= alpha;
+        }
+        for (int64_t i = 0; i < n; ++i) {  // the chunk's values, weighted
+          const float* vf = as_float(v_cache + row_offset(c0 + i), row.data(), hd);
+          for (int64_t g = 0; g < group; ++g) {
+            const float p = scores[g * kChunk + i];
+            float* a = &acc[g * hd];
+#pragma omp simd
+            for (int64_t d = 0; d < hd; ++d) a[d] += p * vf[d];
+          }
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        scalar_t* orow = out + (b * s.num_heads + head0 + g) * hd;
+        const float sum = run_sum[g];
+        for (int64_t d = 0; d < hd; ++d) {
+          orow[d] = static_cast<scalar_t>(len > 0 ? acc[g * hd + d] / sum : 0.0f);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Argument checks: every message names the op and the argument (as the reference's).
+// ---------------------------------------------------------------------------
+
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kDouble: return "float64";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kShort: return "int16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
+std::string shape_str(at::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? "," : "") + std::to_string(sizes[i]);
+  return s + "]";
+}
+
+std::string shape_str(const at::Tensor& t) { return shape_str(t.sizes()); }
+
+void check_float(const char* op, const char* arg, const at::Tensor& t) {
+  const auto d = t.scalar_type();
+  TORCH_CHECK(d == at::kFloat || d == at::kHalf || d == at::kBFloat16, op, ": ", arg,
+              " must be float32, float16 or bfloat16, got ", dtype_name(d));
+}
+
+void check_like(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
+                const at::Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", arg, " must have the dtype of ",
+              ref_arg, " (", dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", arg, " must be on ", ref_arg, "'s device ",
+              ref.device(), ", got ", t.device());
+}
+
+void check_contiguous(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", arg, " must be contiguous (call .contiguous() first)");
+}
+
+void check_cpu(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", arg, " must be a CPU tensor for the CPU kernel, got ",
+              t.device());
+}
+
+// t [n, a, b] with every t[i] contiguous (the stride between the t[i] is free).
+bool rows_contiguous(const at::Tensor& t) {
+  return (t.size(2) <= 1 || t.stride(2) == 1) && (t.size(1) <= 1 || t.stride(1) == t.size(2));
+}
+
+void check_rows(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(rows_contiguous(t), op, ": ", arg,
+              " must have contiguous rows (strides [*, head_dim, 1]), got strides ",
+              shape_str(t.strides()));
+}
+
+// The checks shared with the CUDA file; returns num_slots.
+int64_t check_store_kv_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& slots) {
+  const char* op = "store_kv";
+  check_float(op, "k", k);
+  TORCH_CHECK(k.dim() == 3, op, ": k must be 3-D [num_tokens, num_kv_heads, head_dim], got shape ",
+              shape_str(k));
+  check_rows(op, "k", k);
+  check_like(op, "v", v, "k", k);
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have the shape of k ", shape_str(k), ", got ",
+              shape_str(v));
+  check_rows(op, "v", v);
+  check_like(op, "k_cache", k_cache, "k", k);
+  TORCH_CHECK(k_cache.dim() >= 3 && k_cache.size(-2) == k.size(1) && k_cache.size(-1) == k.size(2),
+              op, ": k_cache must have shape [..., num_slots, num_kv_heads, head_dim]=[...,*,",
+              k.size(1), ",", k.size(2), "], got ", shape_str(k_cache));
+  check_contiguous(op, "k_cache", k_cache);
+  check_like(op, "v_cache", v_cache, "k_cache", k_cache);
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have the shape of k_cache ",
+              shape_str(k_cache), ", got ", shape_str(v_cache));
+  check_contiguous(op, "v_cache", v_cache);
+  const auto slot_type = slots.scalar_type();
+  TORCH_CHECK(slot_type == at::kLong || slot_type == at::kInt, op,
+              ": slots must be int64 (or int32), got ", dtype_name(slot_type));
+  TORCH_CHECK(slots.device() == k.device(), op, ": slots must be on k's device ", k.device(),
+              ", got ", slots.device());
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == k.size(0), op,
+              ": slots must have shape [num_tokens]=[", k.size(0), "], got ", shape_str(slots));
+  check_contiguous(op, "slots", slots);
+  return k_cache.numel() / std::max<int64_t>(1, k.size(1) * k.size(2));
+}
+
+void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
+                                 const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                 const at::Tensor& context_lens, double scale) {
+  const char* op = "decode_attention";
+  check_float(op, "q", q);
+  TORCH_CHECK(q.dim() == 3, op, ": q must be 3-D [batch, num_heads, head_dim], got shape ",
+              shape_str(q));
+  const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  TORCH_CHECK(head_dim > 0 && head_dim <= kMaxHeadDim && head_dim % kHeadDimMultiple == 0, op,
+              ": q must have a head_dim that is a multiple of ", kHeadDimMultiple, " in [",
+              kHeadDimMultiple, ", ", kMaxHeadDim, "], got shape ", shape_str(q));
+  check_contiguous(op, "q", q);
+  check_like(op, "k_cache", k_cache, "q", q);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(3) == head_dim, op,
+              ": k_cache must have shape [num_blocks, block_size, num_kv_heads, head_dim]=[*,*,*,",
+              head_dim, "], got ", shape_str(k_cache));
+  TORCH_CHECK(k_cache.size(1) > 0 && k_cache.size(2) > 0, op,
+              ": k_cache must have block_size > 0 and num_kv_heads > 0, got shape ",
+              shape_str(k_cache));
+  TORCH_CHECK(num_heads % k_cache.size(2) == 0, op, ": q's num_heads (", num_heads,
+              ") must be a multiple of k_cache's num_kv_heads (", k_cache.size(2), ")");
+  check_contiguous(op, "k_cache", k_cache);
+  check_like(op, "v_cache", v_cache, "k_cache", k_cache);
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have the shape of k_cache ",
+              shape_str(k_cache), ", got ", shape_str(v_cache));
+  check_contiguous(op, "v_cache", v_cache);
+  const at::Tensor* metadata[] = {&block_tables, &context_lens};
+  const char* names[] = {"block_tables", "context_lens"};
+  const char* shapes[] = {"[batch, max_blocks]", "[batch]"};
+  for (int i = 0; i < 2; ++i) {
+    const at::Tensor& t = *metadata[i];
+    TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", names[i], " must be int32, got ",
+                dtype_name(t.scalar_type()));
+    TORCH_CHECK(t.device() == q.device(), op, ": ", names[i], " must be on q's device ",
+                q.device(), ", got ", t.device());
+    TORCH_CHECK(t.dim() == 2 - i && t.size(0) == batch, op, ": ", names[i], " must have shape ",
+                shapes[i], " with batch=", batch, ", got ", shape_str(t));
+    check_contiguous(op, names[i], t);
+  }
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+}
+
+// ---------------------------------------------------------------------------
+// Launchers
+// ---------------------------------------------------------------------------
+
+void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+              const at::Tensor& slots) {
+  const char* op = "store_kv";
+  const int64_t num_slots = check_store_kv_args(k, v, k_cache, v_cache, slots);
+  check_cpu(op, "k", k);
+  const int64_t num_tokens = k.size(0);
+  if (num_tokens == 0) return;
+  const int64_t elem = k.element_size();
+  const int64_t row_bytes = k.size(1) * k.size(2) * elem;
+  auto run = [&](auto slot_tag) {
+    using slot_t = decltype(slot_tag);
+    const slot_t* s = slots.data_ptr<slot_t>();
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      TORCH_CHECK(static_cast<int64_t>(s[t]) < num_slots, op, ": slots must be < num_slots=",
+                  num_slots, " (or negative: skip), got ", static_cast<int64_t>(s[t]));
+    }
+    if (row_bytes == 0) return;
+    store_kv_impl<slot_t>(static_cast<const char*>(k.data_ptr()),
+                          static_cast<const char*>(v.data_ptr()), k.stride(0) * elem,
+                          v.stride(0) * elem, static_cast<char*>(k_cache.data_ptr()),
+                          static_cast<char*>(v_cache.data_ptr()), s, num_tokens, row_bytes);
+  };
+  if (slots.scalar_type() == at::kLong) {
+    run(int64_t{});
+  } else {
+    run(int32_t{});
+  }
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables,
+                            const at::Tensor& context_lens, double scale) {
+  const char* op = "decode_attention";
+  check_decode_attention_args(q, k_cache, v_cache, block_tables, context_lens, scale);
+  check_cpu(op, "q", q);
+  const int64_t batch = q.size(0), num_blocks = k_cache.size(0), block_size = k_cache.size(1);
+  const int64_t max_blocks = block_tables.size(1);
+  const int64_t capacity = max_blocks * block_size;
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(lens[b] >= 0 && lens[b] <= capacity, op, ": context_lens must lie in [0, ",
+                capacity, "] (max_blocks * block_size), got ", lens[b]);
+  }
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t used = (static_cast<int64_t>(lens[b]) + block_size - 1) / block_size;
+    for (int64_t i = 0; i < used; ++i) {
+      const int32_t id = tables[b * max_blocks + i];
+      TORCH_CHECK(id >= 0 && id < num_blocks, op, ": block_tables must hold block ids in [0, ",
+                  num_blocks, ") for every block a sequence uses, got ", id);
+    }
+  }
+  auto out = at::empty_like(q);
+  if (out.numel() == 0) return out;
+  const AttentionShape shape{batch,      q.size(1),  k_cache.size(2), q.size(1) / k_cache.size(2),
+                             q.size(2),  block_size, max_blocks,      static_cast<float>(scale)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "decode_attention", [&] {
+    decode_attention_impl<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
+                                    v_cache.data_ptr<scalar_t>(), tables, lens,
+                                    out.data_ptr<scalar_t>(), shape);
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "minideploy CPU kernels: KV-cache writes and paged decode attention";
+  m.def("store_kv", &store_kv, "k_cache[slots] = k, v_cache[slots] = v; negative slots skipped (CPU)",
+        py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"));
+  m.def("decode_attention", &decode_attention,
+        "one query per sequence over its paged K/V, GQA, float32 softmax (CPU)", py::arg("q"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"),
+        py::arg("scale"));
+}

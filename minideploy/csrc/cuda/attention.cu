@@ -1,0 +1,830 @@
+// KV-cache writes and paged decode attention on an NVIDIA GPU.
+//
+// What they compute (the specification is minideploy/kernels/reference.py):
+//   store_kv(k, v, k_cache, v_cache, slots):  in place,
+//       k_cache[slots[i]] = k[i], v_cache[slots[i]] = v[i]; slots[i] < 0 is skipped (padding).
+//       k, v [num_tokens, num_kv_heads, head_dim], each row k[i] contiguous (the stride
+//       between rows is free: v is usually a column slice of the fused qkv output);
+//       caches contiguous, any leading dims, seen as [num_slots, num_kv_heads, head_dim];
+//       slots [num_tokens] int64 or int32.
+//   decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale):
+//       q [batch, num_heads, head_dim] (one new token per sequence);
+//       caches [num_blocks, block_size, num_kv_heads, head_dim];
+//       block_tables [batch, max_blocks] int32, context_lens [batch] int32.
+//       Token t of sequence b is in block block_tables[b][t / block_size] at offset
+//       t % block_size; query head h reads kv head h / (num_heads / num_kv_heads).
+//       out[b, h] = softmax(scale * q[b, h] . K^T) V over t < context_lens[b], float32
+//       math, -> [batch, num_heads, head_dim] in q's dtype; no keys -> zeros.
+//
+// Why this design. A decode step at batch 1 is ~10 small kernels per layer; the
+// ones replaced here were the slowest of them: two index_put_ per layer for the
+// cache write, and SDPA with a boolean mask (a fill and an elementwise kernel
+// before the flash kernel itself).
+//   store_kv: one launch writes K and V; each thread moves 16 bytes (8 halves)
+//   when every address allows it, else 8, 4 or 2. It copies bytes, so it serves
+//   every dtype. Out-of-range slots are skipped: checking them would synchronise.
+//   decode_attention: a memory-bound stream over each sequence's K and V (at
+//   batch 1 a 7B layer's 32 heads x 200 tokens are 3.3 MB; cuDNN's flash kernel
+//   took 8.5 us per layer for it, plus ~4 us of mask handling). One thread block
+//   (8 warps) owns (sequence, kv head, up to 8 query heads of its group, one
+//   partition of kPartition tokens), so GQA heads share every key load. A key
+//   row is read by L lanes with 16-byte loads (L = 8/16/32 for rows of
+//   128/256/512 bytes). Each lane group keeps an online softmax (running max,
+//   sum and weighted values, as flash attention does) over its share of the
+//   tokens, so K and V are read in the same pass: every step issues the loads
+//   of U key rows and U value rows before using any (U = 8 for one head per
+//   block: 256 bytes in flight per lane, ~2 MB over the GPU for a 7B layer at
+//   batch 1: about DRAM latency x bandwidth). Lane groups merge through shuffles,
+//   warps through shared memory; nothing is sized by the context length.
+//   Split-K (flash-decoding): when the cache can hold more than kPartition tokens
+//   per sequence, grid.z covers the capacity in partitions; each block writes its
+//   partition's max, sum and normalised output, and a reduce kernel rescales and
+//   combines them. A sequence that fits one partition is finished by its first
+//   block directly (the reduce skips it), and blocks past a sequence's length
+//   exit at once. The grid depends only on tensor shapes (the capacity
+//   max_blocks * block_size), never on the values of context_lens: the launch
+//   needs no synchronisation, and a CUDA graph captured once replays it for any
+//   lengths. When the capacity fits one partition (short caches) there is a
+//   single kernel and no scratch memory.
+//   Bad values cannot be reported without synchronising: a length outside
+//   [0, capacity] or a block id outside [0, num_blocks) makes that sequence's
+//   output NaN; nothing is read out of bounds.
+// Numerics: scores, softmax and sums in float32 (expf, IEEE division: the build
+// has no --use_fast_math); the output is rounded once to q's dtype.
+
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math_constants.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * kWarpSize;
+constexpr int kPartition = 512;  // tokens per block when a sequence is split (flash-decoding)
+constexpr int kMaxHeadDim = 256;
+constexpr int kHeadDimMultiple = 8;
+constexpr int kMaxSharedBytes = 48 * 1024;  // without the opt-in attribute
+constexpr int kStoreThreads = 256;
+
+// ---------------------------------------------------------------------------
+// store_kv
+// ---------------------------------------------------------------------------
+
+// Unit: the copy granule (uint4 = 16 bytes ... uint16_t = 2 bytes). Strides and
+// row length are in units. Thread i of the first half copies unit i of K, the
+// second half V.
+template <typename Unit, typename slot_t>
+__global__ void store_kv_kernel(const Unit* __restrict__ k, const Unit* __restrict__ v,
+                                Unit* __restrict__ k_cache, Unit* __restrict__ v_cache,
+                                const slot_t* __restrict__ slots, int64_t num_tokens,
+                                int64_t row_units, int64_t k_stride, int64_t v_stride,
+                                int64_t num_slots) {
+  const int64_t per_tensor = num_tokens * row_units;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       idx < 2 * per_tensor; idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const bool is_v = idx >= per_tensor;
+    const int64_t i = is_v ? idx - per_tensor : idx;
+    const int64_t t = i / row_units, u = i % row_units;
+    const int64_t slot = static_cast<int64_t>(slots[t]);
+    if (slot < 0 || slot >= num_slots) continue;  // padding, or out of range (not checked)
+    if (is_v) {
+      v_cache[slot * row_units + u] = v[t * v_stride + u];
+    } else {
+      k_cache[slot * row_units + u] = k[t * k_stride + u];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// decode_attention: element conversion helpers
+// ---------------------------------------------------------------------------
+
+// 16 bytes of T as float32 (PackSize<T> = elements per 16 bytes).
+template <typename T> struct PackSize { static constexpr int value = 16 / sizeof(T); };
+
+__device__ __forceinline__ void unpack(const uint4& v, const float*, float (&f)[4]) {
+  f[0] = __uint_as_float(v.x);
+  f[1] = __uint_as_float(v.y);
+  f[2] = __uint_as_float(v.z);
+  f[3] = __uint_as_float(v.w);
+}
+
+__device__ __forceinline__ void unpack(const uint4& v, const __half*, float (&f)[8]) {
+  const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __half22float2(h[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+
+__device__ __forceinline__ void unpack(const uint4& v, const __nv_bfloat16*, float (&f)[8]) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __bfloat1622float2(h[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+
+// torch builds with the implicit half/bfloat16 conversions switched off: convert explicitly.
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
+  return v;
+}
+
+// Every query head of this block's range gets `value` (NaN for bad input, 0 for no keys).
+template <typename T>
+__device__ void fill_heads(T* out, int64_t head_offset, int heads, int head_dim, float value) {
+  for (int i = threadIdx.x; i < heads * head_dim; i += blockDim.x) {
+    store(out + head_offset + i, value);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// decode_attention: the partition kernel
+// ---------------------------------------------------------------------------
+
+struct DecodeParams {
+  int num_heads, kv_heads, group, head_dim, block_size, max_blocks;
+  int64_t num_blocks;
+  int num_parts;  // gridDim.z; 1: no split, the block writes `out` itself
+  float scale;
+};
+
+// Rows in flight per lane group: fewer when many heads share the block (registers).
+template <int HPB> struct RowsInFlight { static constexpr int value = HPB >= 8 ? 2 : HPB >= 4 ? 4 : 8; };
+
+// exp(x - max) for the running softmax; 0 when nothing has been seen (max = -inf).
+__device__ __forceinline__ float rescale(float x, float max) {
+  return max == -CUDART_INF_F ? 0.0f : expf(x - max);
+}
+
+// T: element type. L: lanes reading one key row. NP: 16-byte packs per lane per row
+// (a row has head_dim / PackSize packs, at most L * NP). HPB: query heads per block.
+//
+// Each group of L lanes owns every (kRowsPerStep)-th token of the partition and keeps
+// its own running softmax per head: max m, sum l, and the weighted sum of values acc
+// (its packs of head_dim). Per step it issues the loads of U key rows and U value rows
+// at once (one memory round trip for both), scores the U keys (a shuffle sum over the
+// L lanes leaves the score in every lane of the group), and folds them in with one
+// rescale. At the end the groups of a warp merge through shuffles, the warps through
+// shared memory.
+template <typename T, int L, int NP, int HPB>
+__global__ void __launch_bounds__(kThreads)
+decode_attention_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
+                        const T* __restrict__ v_cache, const int* __restrict__ block_tables,
+                        const int* __restrict__ context_lens, T* __restrict__ out,
+                        float* __restrict__ part_out, float* __restrict__ part_max,
+                        float* __restrict__ part_sum, DecodeParams p) {
+  constexpr int PE = PackSize<T>::value;  // elements per 16-byte pack
+  constexpr int E = NP * PE;              // elements of a row per lane
+  constexpr int U = RowsInFlight<HPB>::value;
+  constexpr int kRowsPerWarp = kWarpSize / L;
+  constexpr int kRowsPerStep = kWarps * kRowsPerWarp;
+  extern __shared__ float warp_acc[];  // [kWarps][HPB][head_dim]
+  __shared__ float warp_m[kWarps][HPB], warp_l[kWarps][HPB];
+
+  const int head_blocks = (p.group + HPB - 1) / HPB;
+  const int kvh = blockIdx.x / head_blocks;
+  const int first = (blockIdx.x % head_blocks) * HPB;  // first head of the group here
+  const int nh = min(HPB, p.group - first);            // heads in this block
+  const int head0 = kvh * p.group + first;             // its query head index
+  const int b = blockIdx.y, part = blockIdx.z;
+  const int64_t out_offset = (static_cast<int64_t>(b) * p.num_heads + head0) * p.head_dim;
+
+  const int len = context_lens[b];
+  const int64_t capacity = static_cast<int64_t>(p.max_blocks) * p.block_size;
+  const bool bad_len = len < 0 || len > capacity;
+  // One partition covers the sequence: the first block finishes it, the others idle.
+  const bool direct = bad_len || len <= kPartition || p.num_parts == 1;
+  if (direct && part > 0) return;
+  if (bad_len || len == 0) {
+    fill_heads(out, out_offset, nh, p.head_dim, bad_len ? CUDART_NAN_F : 0.0f);
+    return;
+  }
+  const int start = part * kPartition;
+  if (start >= len) return;  // past this sequence's end
+  const int end = direct ? len : min(start + kPartition, len);
+
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int li = lane % L;           // lane within the row group
+  const int row_in_warp = lane / L;  // which of the warp's rows this lane reads
+  const int packs = p.head_dim / PE; // packs per row, <= L * NP
+  const int* table = block_tables + static_cast<int64_t>(b) * p.max_blocks;
+
+  // Element offset of token t's row of kv head kvh, or -1 for a bad block id.
+  auto row_offset = [&](int t) -> int64_t {
+    const int block = table[t / p.block_size];
+    if (block < 0 || block >= p.num_blocks) return -1;
+    return ((static_cast<int64_t>(block) * p.block_size + t % p.block_size) * p.kv_heads + kvh) *
+           p.head_dim;
+  };
+
+  // The queries of this block's heads, this lane's packs, in float32.
+  float qf[HPB][E];
+#pragma unroll
+  for (int h = 0; h < HPB; ++h) {
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      const int pk = li + j * L;
+      float f[PE];
+      if (h < nh && pk < packs) {
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(q + out_offset + h * p.head_dim) + pk);
+        unpack(raw, static_cast<const T*>(nullptr), f);
+      } else {
+#pragma unroll
+        for (int e = 0; e < PE; ++e) f[e] = 0.0f;
+      }
+#pragma unroll
+      for (int e = 0; e < PE; ++e) qf[h][j * PE + e] = f[e];
+    }
+  }
+
+  float m[HPB], l[HPB], acc[HPB][E];
+#pragma unroll
+  for (int h = 0; h < HPB; ++h) {
+    m[h] = -CUDART_INF_F;
+    l[h] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[h][e] = 0.0f;
+  }
+  bool bad_block = false;
+
+  // The loop bounds are the same for every lane of a warp (the shuffles need the whole
+  // warp); rows past `end` are masked.
+  for (int step = start + warp * kRowsPerWarp; step < end; step += kRowsPerStep * U) {
+    uint4 kv[U][NP], vv[U][NP];
+    bool valid[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {  // issue every load first: bytes in flight hide latency
+      const int t = step + row_in_warp + u * kRowsPerStep;
+      const int64_t off = t < end ? row_offset(t) : -1;
+      valid[u] = off >= 0;
+      bad_block |= t < end && off < 0;
+#pragma unroll
+      for (int j = 0; j < NP; ++j) {
+        const int pk = li + j * L;
+        const bool load = valid[u] && pk < packs;
+        kv[u][j] = load ? __ldg(reinterpret_cast<const uint4*>(k_cache + off) + pk) : make_uint4(0, 0, 0, 0);
+        vv[u][j] = load ? __ldg(reinterpret_cast<const uint4*>(v_cache + off) + pk) : make_uint4(0, 0, 0, 0);
+      }
+    }
+    // Scores of the U rows (-inf for rows that do not exist).
+    float score[U][HPB];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float dot[HPB];
+#pragma unroll
+      for (int h = 0; h < HPB; ++h) dot[h] = 0.0f;
+#pragma unroll
+      for (int j = 0; j < NP; ++j) {
+        float kf[PE];
+        unpack(kv[u][j], static_cast<const T*>(nullptr), kf);
+#pragma unroll
+        for (int h = 0; h < HPB; ++h) {
+#pragma unroll
+          for (int e = 0; e < PE; ++e) dot[h] = fmaf(qf[h][j * PE + e], kf[e], dot[h]);
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < HPB; ++h) {
+#pragma unroll
+        for (int offset = L / 2; offset > 0; offset >>= 1) {
+          dot[h] += __shfl_xor_sync(0xffffffffu, dot[h], offset);
+        }
+        score[u][h] = valid[u] ? dot[h] * p.scale : -CUDART_INF_F;
+      }
+    }
+    // Fold them into the running softmax: one rescale per step.
+#pragma unroll
+    for (int h = 0; h < HPB; ++h) {
+      float new_m = m[h];
+#pragma unroll
+      for (int u = 0; u < U; ++u) new_m = fmaxf(new_m, score[u][h]);
+      const float alpha = rescale(m[h], new_m);
+      l[h] *= alpha;
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[h][e] *= alpha;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        score[u][h] = rescale(score[u][h], new_m);  // now the weight of row u
+        l[h] += score[u][h];
+      }
+      m[h] = new_m;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int j = 0; j < NP; ++j) {
+        float vf[PE];
+        unpack(vv[u][j], static_cast<const T*>(nullptr), vf);
+#pragma unroll
+        for (int h = 0; h < HPB; ++h) {
+#pragma unroll
+          for (int e = 0; e < PE; ++e) acc[h][j * PE + e] = fmaf(score[u][h], vf[e], acc[h][j * PE + e]);
+        }
+      }
+    }
+  }
+  // A bad block id poisons the sequence: NaN flows through every merge into the output.
+  if (bad_block) {
+#pragma unroll
+    for (int h = 0; h < HPB; ++h) l[h] = CUDART_NAN_F;
+  }
+
+  // Merge the row groups of the warp (lanes li, li + L, ... hold the same packs).
+#pragma unroll
+  for (int offset = L; offset < kWarpSize; offset <<= 1) {
+#pragma unroll
+    for (int h = 0; h < HPB; ++h) {
+      const float m_other = __shfl_xor_sync(0xffffffffu, m[h], offset);
+      const float l_other = __shfl_xor_sync(0xffffffffu, l[h], offset);
+      const float new_m = fmaxf(m[h], m_other);
+      const float a = rescale(m[h], new_m), c = rescale(m_other, new_m);
+      l[h] = l[h] * a + l_other * c;
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const float acc_other = __shfl_xor_sync(0xffffffffu, acc[h][e], offset);
+        acc[h][e] = acc[h][e] * a + acc_other * c;
+      }
+      m[h] = new_m;
+    }
+  }
+  // Merge the warps through shared memory.
+  if (row_in_warp == 0) {
+#pragma unroll
+    for (int h = 0; h < HPB; ++h) {
+      if (li == 0) {
+        warp_m[warp][h] = m[h];
+        warp_l[warp][h] = l[h];
+      }
+#pragma unroll
+      for (int j = 0; j < NP; ++j) {
+        const int pk = li + j * L;
+        if (h < nh && pk < packs) {
+#pragma unroll
+          for (int e = 0; e < PE; ++e) {
+            warp_acc[(warp * HPB + h) * p.head_dim + pk * PE + e] = acc[h][j * PE + e];
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < nh * p.head_dim; i += kThreads) {
+    const int h = i / p.head_dim, d = i % p.head_dim;
+    float top = -CUDART_INF_F;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) top = fmaxf(top, warp_m[w][h]);
+    float sum = 0.0f, total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float weight = rescale(warp_m[w][h], top);
+      sum += warp_l[w][h] * weight;
+      total += warp_acc[(w * HPB + h) * p.head_dim + d] * weight;
+    }
+    const float value = total / sum;
+    if (direct) {
+      store(out + out_offset + i, value);
+    } else {
+      const int64_t row = (static_cast<int64_t>(b) * p.num_heads + head0 + h) * p.num_parts + part;
+      part_out[row * p.head_dim + d] = value;
+      if (d == 0) {
+        part_max[row] = top;
+        part_sum[row] = sum;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// decode_attention: the reduce kernel (split sequences only)
+// ---------------------------------------------------------------------------
+
+// Sum of `value` over the block (kThreads threads); every thread gets the result.
+__device__ __forceinline__ float block_reduce(float value, bool is_max) {
+  __shared__ float partial[kWarps];
+  __shared__ float total;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  value = is_max ? warp_max(value) : warp_sum(value);
+  if (lane == 0) partial[warp] = value;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float r = partial[0];
+    for (int w = 1; w < kWarps; ++w) r = is_max ? fmaxf(r, partial[w]) : r + partial[w];
+    total = r;
+  }
+  __syncthreads();
+  const float r = total;
+  __syncthreads();  // `total` may be reused by the next call
+  return r;
+}
+
+// One block per (query head, sequence): out = sum_p w_p o_p / sum_p w_p with
+// w_p = sum_p * exp(max_p - max), over the sequence's partitions.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+decode_attention_reduce_kernel(const float* __restrict__ part_out,
+                               const float* __restrict__ part_max,
+                               const float* __restrict__ part_sum,
+                               const int* __restrict__ context_lens, T* __restrict__ out,
+                               int num_heads, int head_dim, int num_parts, int64_t capacity) {
+  extern __shared__ float weights[];  // [num_parts]
+  const int head = blockIdx.x, b = blockIdx.y;
+  const int len = context_lens[b];
+  if (len <= kPartition || len > capacity) return;  // finished by the partition kernel
+  const int parts = (len + kPartition - 1) / kPartition;
+  const int64_t row = (static_cast<int64_t>(b) * num_heads + head) * num_parts;
+
+  float m = -CUDART_INF_F;
+  for (int i = threadIdx.x; i < parts; i += kThreads) m = fmaxf(m, part_max[row + i]);
+  m = block_reduce(m, true);
+  float s = 0.0f;
+  for (int i = threadIdx.x; i < parts; i += kThreads) {
+    const float w = part_sum[row + i] * expf(part_max[row + i] - m);
+    weights[i] = w;
+    s += w;
+  }
+  s = block_reduce(s, false);  // its barriers also publish `weights`
+  for (int d = threadIdx.x; d < head_dim; d += kThreads) {
+    float acc = 0.0f;
+    for (int i = 0; i < parts; ++i) acc = fmaf(weights[i], part_out[(row + i) * head_dim + d], acc);
+    store(out + (static_cast<int64_t>(b) * num_heads + head) * head_dim + d, acc / s);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Argument checks: every message names the op and the argument (as the reference's).
+// ---------------------------------------------------------------------------
+
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kDouble: return "float64";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kShort: return "int16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
+std::string shape_str(at::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? "," : "") + std::to_string(sizes[i]);
+  return s + "]";
+}
+
+std::string shape_str(const at::Tensor& t) { return shape_str(t.sizes()); }
+
+void check_float(const char* op, const char* arg, const at::Tensor& t) {
+  const auto d = t.scalar_type();
+  TORCH_CHECK(d == at::kFloat || d == at::kHalf || d == at::kBFloat16, op, ": ", arg,
+              " must be float32, float16 or bfloat16, got ", dtype_name(d));
+}
+
+void check_like(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
+                const at::Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", arg, " must have the dtype of ",
+              ref_arg, " (", dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", arg, " must be on ", ref_arg, "'s device ",
+              ref.device(), ", got ", t.device());
+}
+
+void check_contiguous(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", arg, " must be contiguous (call .contiguous() first)");
+}
+
+void check_cuda(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cuda(), op, ": ", arg,
+              " must be a CUDA tensor for the CUDA kernel, got ", t.device());
+}
+
+// t [n, a, b] with every t[i] contiguous (the stride between the t[i] is free).
+bool rows_contiguous(const at::Tensor& t) {
+  return (t.size(2) <= 1 || t.stride(2) == 1) && (t.size(1) <= 1 || t.stride(1) == t.size(2));
+}
+
+void check_rows(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(rows_contiguous(t), op, ": ", arg,
+              " must have contiguous rows (strides [*, head_dim, 1]), got strides ",
+              shape_str(t.strides()));
+}
+
+// The checks shared with the CPU file; returns num_slots.
+int64_t check_store_kv_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& slots) {
+  const char* op = "store_kv";
+  check_float(op, "k", k);
+  TORCH_CHECK(k.dim() == 3, op, ": k must be 3-D [num_tokens, num_kv_heads, head_dim], got shape ",
+              shape_str(k));
+  check_rows(op, "k", k);
+  check_like(op, "v", v, "k", k);
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have the shape of k ", shape_str(k), ", got ",
+              shape_str(v));
+  check_rows(op, "v", v);
+  check_like(op, "k_cache", k_cache, "k", k);
+  TORCH_CHECK(k_cache.dim() >= 3 && k_cache.size(-2) == k.size(1) && k_cache.size(-1) == k.size(2),
+              op, ": k_cache must have shape [..., num_slots, num_kv_heads, head_dim]=[...,*,",
+              k.size(1), ",", k.size(2), "], got ", shape_str(k_cache));
+  check_contiguous(op, "k_cache", k_cache);
+  check_like(op, "v_cache", v_cache, "k_cache", k_cache);
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have the shape of k_cache ",
+              shape_str(k_cache), ", got ", shape_str(v_cache));
+  check_contiguous(op, "v_cache", v_cache);
+  const auto slot_type = slots.scalar_type();
+  TORCH_CHECK(slot_type == at::kLong || slot_type == at::kInt, op,
+              ": slots must be int64 (or int32), got ", dtype_name(slot_type));
+  TORCH_CHECK(slots.device() == k.device(), op, ": slots must be on k's device ", k.device(),
+              ", got ", slots.device());
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == k.size(0), op,
+              ": slots must have shape [num_tokens]=[", k.size(0), "], got ", shape_str(slots));
+  check_contiguous(op, "slots", slots);
+  return k_cache.numel() / std::max<int64_t>(1, k.size(1) * k.size(2));
+}
+
+void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
+                                 const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                 const at::Tensor& context_lens, double scale) {
+  const char* op = "decode_attention";
+  check_float(op, "q", q);
+  TORCH_CHECK(q.dim() == 3, op, ": q must be 3-D [batch, num_heads, head_dim], got shape ",
+              shape_str(q));
+  const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  TORCH_CHECK(head_dim > 0 && head_dim <= kMaxHeadDim && head_dim % kHeadDimMultiple == 0, op,
+              ": q must have a head_dim that is a multiple of ", kHeadDimMultiple, " in [",
+              kHeadDimMultiple, ", ", kMaxHeadDim, "], got shape ", shape_str(q));
+  check_contiguous(op, "q", q);
+  check_like(op, "k_cache", k_cache, "q", q);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(3) == head_dim, op,
+              ": k_cache must have shape [num_blocks, block_size, num_kv_heads, head_dim]=[*,*,*,",
+              head_dim, "], got ", shape_str(k_cache));
+  TORCH_CHECK(k_cache.size(1) > 0 && k_cache.size(2) > 0, op,
+              ": k_cache must have block_size > 0 and num_kv_heads > 0, got shape ",
+              shape_str(k_cache));
+  TORCH_CHECK(num_heads % k_cache.size(2) == 0, op, ": q's num_heads (", num_heads,
+              ") must be a multiple of k_cache's num_kv_heads (", k_cache.size(2), ")");
+  check_contiguous(op, "k_cache", k_cache);
+  check_like(op, "v_cache", v_cache, "k_cache", k_cache);
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have the shape of k_cache ",
+              shape_str(k_cache), ", got ", shape_str(v_cache));
+  check_contiguous(op, "v_cache", v_cache);
+  const at::Tensor* metadata[] = {&block_tables, &context_lens};
+  const char* names[] = {"block_tables", "context_lens"};
+  const char* shapes[] = {"[batch, max_blocks]", "[batch]"};
+  for (int i = 0; i < 2; ++i) {
+    const at::Tensor& t = *metadata[i];
+    TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", names[i], " must be int32, got ",
+                dtype_name(t.scalar_type()));
+    TORCH_CHECK(t.device() == q.device(), op, ": ", names[i], " must be on q's device ",
+                q.device(), ", got ", t.device());
+    TORCH_CHECK(t.dim() == 2 - i && t.size(0) == batch, op, ": ", names[i], " must have shape ",
+                shapes[i], " with batch=", batch, ", got ", shape_str(t));
+    check_contiguous(op, names[i], t);
+  }
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+}
+
+bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// ---------------------------------------------------------------------------
+// Launchers
+// ---------------------------------------------------------------------------
+
+template <typename Unit, typename slot_t>
+void launch_store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
+                     at::Tensor& v_cache, const at::Tensor& slots, int64_t num_slots,
+                     cudaStream_t stream) {
+  const int64_t elem = k.element_size(), unit = sizeof(Unit);
+  const int64_t num_tokens = k.size(0);
+  const int64_t row_units = k.size(1) * k.size(2) * elem / unit;
+  const int64_t total = 2 * num_tokens * row_units;
+  const int64_t blocks = std::min<int64_t>((total + kStoreThreads - 1) / kStoreThreads, 65535 * 8);
+  store_kv_kernel<Unit, slot_t><<<static_cast<unsigned>(blocks), kStoreThreads, 0, stream>>>(
+      static_cast<const Unit*>(k.data_ptr()), static_cast<const Unit*>(v.data_ptr()),
+      static_cast<Unit*>(k_cache.data_ptr()), static_cast<Unit*>(v_cache.data_ptr()),
+      slots.data_ptr<slot_t>(), num_tokens, row_units, k.stride(0) * elem / unit,
+      v.stride(0) * elem / unit, num_slots);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+              const at::Tensor& slots) {
+  const int64_t num_slots = check_store_kv_args(k, v, k_cache, v_cache, slots);
+  check_cuda("store_kv", "k", k);
+  const int64_t elem = k.element_size();
+  const int64_t row_bytes = k.size(1) * k.size(2) * elem;
+  if (k.size(0) == 0 || row_bytes == 0) return;
+  const c10::cuda::CUDAGuard guard(k.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // The widest granule that every row start and the row length allow.
+  auto fits = [&](int bytes) {
+    return row_bytes % bytes == 0 && (k.stride(0) * elem) % bytes == 0 &&
+           (v.stride(0) * elem) % bytes == 0 && aligned(k.data_ptr(), bytes) &&
+           aligned(v.data_ptr(), bytes) && aligned(k_cache.data_ptr(), bytes) &&
+           aligned(v_cache.data_ptr(), bytes);
+  };
+  auto run = [&](auto slot_tag) {
+    using slot_t = decltype(slot_tag);
+    if (fits(16)) {
+      launch_store_kv<uint4, slot_t>(k, v, k_cache, v_cache, slots, num_slots, stream);
+    } else if (fits(8)) {
+      launch_store_kv<uint2, slot_t>(k, v, k_cache, v_cache, slots, num_slots, stream);
+    } else if (fits(4)) {
+      launch_store_kv<uint32_t, slot_t>(k, v, k_cache, v_cache, slots, num_slots, stream);
+    } else {
+      launch_store_kv<uint16_t, slot_t>(k, v, k_cache, v_cache, slots, num_slots, stream);
+    }
+  };
+  if (slots.scalar_type() == at::kLong) {
+    run(int64_t{});
+  } else {
+    run(int32_t{});
+  }
+}
+
+// The warps' partial outputs [kWarps][heads per block][head_dim] in float32.
+size_t shared_bytes(int heads_per_block, int head_dim) {
+  return sizeof(float) * kWarps * heads_per_block * head_dim;
+}
+
+template <typename T, int L, int NP, int HPB>
+void launch_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const at::Tensor& block_tables, const at::Tensor& context_lens, at::Tensor& out,
+                   float* part_out, float* part_max, float* part_sum, const DecodeParams& p,
+                   cudaStream_t stream) {
+  const int head_blocks = (p.group + HPB - 1) / HPB;
+  const dim3 grid(static_cast<unsigned>(p.kv_heads * head_blocks), static_cast<unsigned>(q.size(0)),
+                  static_cast<unsigned>(p.num_parts));
+  const size_t smem = shared_bytes(HPB, p.head_dim);
+  decode_attention_kernel<T, L, NP, HPB><<<grid, kThreads, smem, stream>>>(
+      reinterpret_cast<const T*>(q.data_ptr()), reinterpret_cast<const T*>(k_cache.data_ptr()),
+      reinterpret_cast<const T*>(v_cache.data_ptr()), block_tables.data_ptr<int>(),
+      context_lens.data_ptr<int>(), reinterpret_cast<T*>(out.data_ptr()), part_out, part_max,
+      part_sum, p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Picks the heads per block (HPB) from the group size.
+template <typename T, int L, int NP>
+void launch_decode_heads(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& block_tables, const at::Tensor& context_lens,
+                         at::Tensor& out, float* po, float* pm, float* ps, const DecodeParams& p,
+                         cudaStream_t stream) {
+  if (p.group == 1) {
+    launch_decode<T, L, NP, 1>(q, k_cache, v_cache, block_tables, context_lens, out, po, pm, ps, p, stream);
+  } else if (p.group == 2) {
+    launch_decode<T, L, NP, 2>(q, k_cache, v_cache, block_tables, context_lens, out, po, pm, ps, p, stream);
+  } else if (p.group <= 4 || shared_bytes(8, p.head_dim) > kMaxSharedBytes) {
+    // Groups of 5+ with head_dim > 192 take two or more blocks of 4 heads each.
+    launch_decode<T, L, NP, 4>(q, k_cache, v_cache, block_tables, context_lens, out, po, pm, ps, p, stream);
+  } else {
+    launch_decode<T, L, NP, 8>(q, k_cache, v_cache, block_tables, context_lens, out, po, pm, ps, p, stream);
+  }
+}
+
+// Picks the lanes per key row (L) and packs per lane (NP) from the row's 16-byte packs.
+template <typename T>
+void launch_decode_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const at::Tensor& block_tables, const at::Tensor& context_lens,
+                        at::Tensor& out, float* po, float* pm, float* ps, const DecodeParams& p,
+                        cudaStream_t stream) {
+  const int packs = p.head_dim / PackSize<T>::value;
+  if (packs <= 8) {
+    launch_decode_heads<T, 8, 1>(q, k_cache, v_cache, block_tables, context_lens, out, po, pm, ps, p, stream);
+  } else if (packs <= 16) {
+    launch_decode_heads<T, 16, 1>(q, k_cache, v_cache, block_tables, context_lens, out, po, pm, ps, p, stream);
+  } else if (packs <= 32) {
+    launch_decode_heads<T, 32, 1>(q, k_cache, v_cache, block_tables, context_lens, out, po, pm, ps, p, stream);
+  } else {
+    // Only float32 rows longer than 128 elements (512 bytes) get here.
+    if constexpr (PackSize<T>::value == 4) {
+      launch_decode_heads<T, 32, 2>(q, k_cache, v_cache, block_tables, context_lens, out, po, pm, ps, p, stream);
+    }
+  }
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables,
+                            const at::Tensor& context_lens, double scale) {
+  const char* op = "decode_attention";
+  check_decode_attention_args(q, k_cache, v_cache, block_tables, context_lens, scale);
+  check_cuda(op, "q", q);
+  TORCH_CHECK(aligned(q.data_ptr(), 16) && aligned(k_cache.data_ptr(), 16) &&
+                  aligned(v_cache.data_ptr(), 16),
+              op, ": q, k_cache and v_cache must start at 16-byte aligned addresses");
+  const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t kv_heads = k_cache.size(2), block_size = k_cache.size(1);
+  const int64_t max_blocks = block_tables.size(1);
+  const int64_t capacity = max_blocks * block_size;
+  TORCH_CHECK(batch <= 65535, op, ": q must have batch <= 65535 for one launch, got shape ",
+              shape_str(q));
+  TORCH_CHECK(capacity <= INT32_MAX && block_size <= INT32_MAX && num_heads <= INT32_MAX, op,
+              ": block_tables and k_cache describe more than 2^31 tokens per sequence");
+  auto out = at::empty_like(q);
+  if (out.numel() == 0) return out;
+
+  // Grid and scratch depend on shapes only (never on context_lens): CUDA-graph safe.
+  const int64_t num_parts = std::max<int64_t>(1, (capacity + kPartition - 1) / kPartition);
+  TORCH_CHECK(num_parts <= 65535 && num_parts * sizeof(float) <= kMaxSharedBytes, op,
+              ": block_tables allow ", capacity, " tokens per sequence, more than one launch covers (",
+              kMaxSharedBytes / sizeof(float) * kPartition, ")");
+  DecodeParams p;
+  p.num_heads = static_cast<int>(num_heads);
+  p.kv_heads = static_cast<int>(kv_heads);
+  p.group = static_cast<int>(num_heads / kv_heads);
+  p.head_dim = static_cast<int>(head_dim);
+  p.block_size = static_cast<int>(block_size);
+  p.max_blocks = static_cast<int>(max_blocks);
+  p.num_blocks = k_cache.size(0);
+  p.num_parts = static_cast<int>(num_parts);
+  p.scale = static_cast<float>(scale);
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor part_out, part_stats;
+  float *po = nullptr, *pm = nullptr, *ps = nullptr;
+  if (num_parts > 1) {
+    // From torch's caching allocator (inside a CUDA graph: the graph's pool); never read
+    // before written, so no memset.
+    part_out = at::empty({batch, num_heads, num_parts, head_dim}, q.options().dtype(at::kFloat));
+    part_stats = at::empty({2, batch, num_heads, num_parts}, q.options().dtype(at::kFloat));
+    po = part_out.data_ptr<float>();
+    pm = part_stats[0].data_ptr<float>();
+    ps = part_stats[1].data_ptr<float>();
+  }
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      launch_decode_rows<float>(q, k_cache, v_cache, block_tables, context_lens, out, po, pm, ps, p, stream);
+      break;
+    case at::kHalf:
+      launch_decode_rows<__half>(q, k_cache, v_cache, block_tables, context_lens, out, po, pm, ps, p, stream);
+      break;
+    default:
+      launch_decode_rows<__nv_bfloat16>(q, k_cache, v_cache, block_tables, context_lens, out, po, pm, ps, p, stream);
+      break;
+  }
+  if (num_parts > 1) {
+    const dim3 grid(static_cast<unsigned>(num_heads), static_cast<unsigned>(batch));
+    const size_t smem = sizeof(float) * num_parts;
+    auto reduce = [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      decode_attention_reduce_kernel<T><<<grid, kThreads, smem, stream>>>(
+          po, pm, ps, context_lens.data_ptr<int>(), reinterpret_cast<T*>(out.data_ptr()),
+          p.num_heads, p.head_dim, p.num_parts, capacity);
+    };
+    switch (q.scalar_type()) {
+      case at::kFloat: reduce(static_cast<float*>(nullptr)); break;
+      case at::kHalf: reduce(static_cast<__half*>(nullptr)); break;
+      default: reduce(static_cast<__nv_bfloat16*>(nullptr)); break;
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "minideploy CUDA kernels: KV-cache writes and paged decode attention";
+  m.def("store_kv", &store_kv, "k_cache[slots] = k, v_cache[slots] = v; negative slots skipped (CUDA)",
+        py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"));
+  m.def("decode_attention", &decode_attention,
+        "one query per sequence over its paged K/V, GQA, float32 softmax, split-K (CUDA)",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
+        py::arg("context_lens"), py::arg("scale"));
+}
