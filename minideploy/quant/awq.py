@@ -77,7 +77,11 @@ class LayerCalibration:
     def o_input(self, flat: torch.Tensor) -> torch.Tensor:
         """What the attention block feeds its o projection for residual stream `flat` (via a hook)."""
         seen = {}
-        hook = self.layer.attn.o.register_forward_hook(lambda mod, args, out: seen.setdefault("x", args[0]))
+
+        def capture(module, args, output):  # returns None: o's output is left as it is
+            seen.setdefault("x", args[0])
+
+        hook = self.layer.attn.o.register_forward_hook(capture)
         try:
             self.attention(self.layer.attn_norm(flat))
         finally:
