@@ -156,12 +156,23 @@ class EngineConfig:
     session_len: the longest sequence (prompt + output) one session may hold;
     None means the model's `max_position_embeddings`.
     max_batch_size: the most sequences decoded together.
+    cache_max_entry_count: KV-cache size; a float in (0, 1) is the fraction of the device
+        memory left free after the weights, an int >= 1 a number of blocks.
+    cache_block_seq_len: tokens per KV block.
+    quant_policy: KV-cache quantization, 0 (none), 8 (int8) or 4 (int4).
+    tp: tensor-parallel degree (number of devices or processes).
     """
 
     dtype: str = "auto"
     device: str = "auto"
     session_len: Optional[int] = None
     max_batch_size: int = 8
+    cache_max_entry_count: float = 0.8
+    cache_block_seq_len: int = 64
+    quant_policy: int = 0
+    tp: int = 1
+
+    QUANT_POLICIES = (0, 4, 8)
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -173,6 +184,17 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.session_len must be >= 2, got {self.session_len}")
         if self.max_batch_size < 1:
             raise ValueError(f"EngineConfig.max_batch_size must be >= 1, got {self.max_batch_size}")
+        count = self.cache_max_entry_count
+        if isinstance(count, bool) or not (0 < count < 1 or (count >= 1 and float(count).is_integer())):
+            raise ValueError("EngineConfig.cache_max_entry_count must be a fraction in (0, 1) of the free "
+                             f"memory or a whole number of blocks >= 1, got {count!r}")
+        if self.cache_block_seq_len < 1:
+            raise ValueError(f"EngineConfig.cache_block_seq_len must be >= 1, got {self.cache_block_seq_len}")
+        if self.quant_policy not in self.QUANT_POLICIES:
+            raise ValueError(f"EngineConfig.quant_policy must be one of {self.QUANT_POLICIES} "
+                             f"(none, int4 KV, int8 KV), got {self.quant_policy!r}")
+        if self.tp < 1:
+            raise ValueError(f"EngineConfig.tp must be >= 1, got {self.tp}")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
