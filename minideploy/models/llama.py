@@ -8,8 +8,9 @@ hidden]`; attention metadata travels in an explicit `ForwardContext`.
 The KV cache here is contiguous: one row of `max_seq_len` slots per batch
 entry, preallocated once per batch (gpt-fast style). The kernels already see it
 as a paged cache whose blocks are whole rows (slot = row * max_seq_len +
-position; block table of row r = [r]), so chapter 4's paged cache plugs in
-behind the same calls: `prepare`, `store`, `blocks` and `keys_values`.
+position; block table of row r = [r]), so chapter 4's paged cache
+(`minideploy.cache.PagedKVCache`) plugs in behind the same calls: `prepare`,
+`store`, `blocks`, `attention_params` and `keys_values`.
 """
 from __future__ import annotations
 
@@ -97,6 +98,10 @@ class KVCache:
         """The layer's K and V as [num_blocks, block_size, num_kv_heads, head_dim]: a row is a block."""
         return self.k[layer], self.v[layer]
 
+    def attention_params(self, layer: int) -> dict:
+        """Extra arguments of decode attention: none, the cache is not quantized."""
+        return {}
+
     def keys_values(self, layer: int, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Views [batch, kv_len, num_kv_heads, head_dim] of the rows in use."""
         rows = slice(ctx.first_row, ctx.first_row + ctx.batch_size)
@@ -177,7 +182,8 @@ class Attention(nn.Module):
         if visible is None:  # decode: one query per sequence over its cache
             k_blocks, v_blocks = cache.blocks(self.layer)
             out = kernels.decode_attention(q, k_blocks, v_blocks, ctx.block_tables, ctx.context_lens,
-                                           self.scale)  # [batch, num_heads, head_dim]
+                                           self.scale, **cache.attention_params(self.layer))
+            # out: [batch, num_heads, head_dim]
             return self.o(out.view(batch, c.q_size))
         keys, values = cache.keys_values(self.layer, ctx)  # [batch, kv_len, num_kv_heads, head_dim]
         out = F.scaled_dot_product_attention(

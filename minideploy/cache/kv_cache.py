@@ -1,0 +1,151 @@
+"""Paged K/V storage: one pool of fixed-size blocks per layer, shared by every sequence.
+
+Layout per layer: [num_blocks, block_size, num_kv_heads, head_dim] for K and V.
+A sequence's tokens live in the blocks its block table lists (the block manager
+decides which); token p sits in slot block_table[p // block_size] * block_size
++ p % block_size. Nothing is reserved for a sequence's maximum length, so the
+only waste is the unfilled tail of each sequence's last block.
+
+KV quantization (LMDeploy's `quant_policy`): 8 stores uint8 codes, 4 two codes
+per byte, each token's head vector with its own float32 (scale, zero); the
+store kernel quantizes, decode attention dequantizes as it reads, and prefill
+dequantizes the gathered blocks before SDPA.
+
+Sizing follows LMDeploy: `cache_max_entry_count` < 1 is the fraction of the
+device memory still free after the weights, >= 1 a number of blocks.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .. import kernels, memory
+from ..config import EngineConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+KV_FORMATS = {8: "int8", 4: "int4"}  # quant_policy -> stored format
+PARAM_BYTES = 2 * 4  # (scale, zero) as float32 per token, per KV head, for K and for V
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype, quant_policy: int = 0) -> int:
+    """Chapter 1's formula, plus the quantization parameters when the cache is quantized."""
+    if quant_policy == 0:
+        return memory.kv_bytes_per_token(config, dtype)
+    params = 2 * config.num_layers * config.num_kv_heads * PARAM_BYTES
+    return memory.kv_bytes_per_token(config, KV_FORMATS[quant_policy]) + params
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory still free on the device: the CUDA allocator's view, or the OS's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read the free memory of this machine (/proc/meminfo has no MemAvailable): "
+                       "pass cache_max_entry_count as a number of blocks (an int >= 1)")
+
+
+def num_blocks_for(config: ModelConfig, engine: EngineConfig, dtype: torch.dtype,
+                   device: torch.device, max_tokens: int | None = None) -> int:
+    """How many blocks the cache gets. On CPU (where the cache is plain RAM) the fraction is
+    capped at `max_tokens` (max_batch_size × session_len): more could never be used at once."""
+    block_bytes = kv_bytes_per_token(config, dtype, engine.quant_policy) * engine.cache_block_seq_len
+    if engine.cache_max_entry_count >= 1:
+        blocks = int(engine.cache_max_entry_count)
+        how = f"{blocks} blocks as asked"
+    else:
+        free = free_memory_bytes(device)
+        blocks = int(free * engine.cache_max_entry_count) // block_bytes
+        how = f"{engine.cache_max_entry_count:.0%} of {free / memory.GiB:.2f} GiB free"
+        if device.type == "cpu" and max_tokens is not None:
+            cap = -(-max_tokens // engine.cache_block_seq_len)
+            if blocks > cap:
+                blocks, how = cap, how + f", capped at max_batch_size x session_len = {max_tokens} tokens"
+    if blocks < 1:
+        raise ValueError(f"the KV cache gets no block: one block of {engine.cache_block_seq_len} tokens "
+                         f"is {block_bytes / memory.GiB:.3f} GiB and {how}; lower cache_block_seq_len, "
+                         f"raise cache_max_entry_count or free device memory")
+    log.info("KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%s)", blocks, engine.cache_block_seq_len,
+             blocks * engine.cache_block_seq_len, blocks * block_bytes / memory.GiB, how)
+    return blocks
+
+
+class PagedKVCache:
+    """The model's cache interface (prepare / store / blocks / keys_values) over blocks."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str, quant_policy: int = 0):
+        if quant_policy not in (0, *KV_FORMATS):
+            raise ValueError(f"quant_policy must be 0, 4 or 8, got {quant_policy!r}")
+        if quant_policy == 4 and config.head_dim % 2:
+            raise ValueError(f"int4 KV packs two values a byte: head_dim {config.head_dim} must be even")
+        self.config, self.block_size, self.quant_policy, self.dtype = config, block_size, quant_policy, dtype
+        shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads)
+        if quant_policy:
+            codes = config.head_dim * quant_policy // 8
+            self.k = torch.zeros(*shape, codes, dtype=torch.uint8, device=device)
+            self.v = torch.zeros(*shape, codes, dtype=torch.uint8, device=device)
+            self.k_params = torch.zeros(*shape, 2, dtype=torch.float32, device=device)
+            self.v_params = torch.zeros(*shape, 2, dtype=torch.float32, device=device)
+        else:
+            self.k = torch.zeros(*shape, config.head_dim, dtype=dtype, device=device)
+            self.v = torch.zeros(*shape, config.head_dim, dtype=dtype, device=device)
+            self.k_params = self.v_params = None
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        params = 0 if self.k_params is None else self.k_params.nbytes + self.v_params.nbytes
+        return self.k.nbytes + self.v.nbytes + params
+
+    def _params(self, layer: int) -> dict:
+        if self.k_params is None:
+            return {}
+        return {"k_params": self.k_params[layer], "v_params": self.v_params[layer]}
+
+    def prepare(self, ctx):
+        """The model runner fills slots, block tables and context lengths from the block manager."""
+        if ctx.slots is None or ctx.block_tables is None or ctx.context_lens is None:
+            raise ValueError("a paged cache needs slots, block_tables and context_lens in the ForwardContext "
+                             "(the model runner builds them from the block manager)")
+        return ctx
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, ctx) -> None:
+        """Write k, v [num_tokens, num_kv_heads, head_dim] into `ctx.slots` (quantizing if asked)."""
+        kernels.store_kv(k, v, self.k[layer], self.v[layer], ctx.slots, **self._params(layer))
+
+    def blocks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer], self.v[layer]
+
+    def attention_params(self, layer: int) -> dict:
+        """Extra arguments decode attention needs for this layer (the quantization parameters)."""
+        return self._params(layer)
+
+    def keys_values(self, layer: int, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        """[batch, kv_len, num_kv_heads, head_dim] in the model dtype, gathered from each
+        sequence's blocks (prefill; padded block-table entries point at any block and are masked)."""
+        tables = ctx.block_tables.long()  # [batch, max_blocks]
+        batch = tables.shape[0]
+        out = []
+        for cache, params in ((self.k[layer], self.k_params), (self.v[layer], self.v_params)):
+            gathered = cache[tables]  # [batch, max_blocks, block_size, heads, dim or codes]
+            if params is not None:
+                gathered = kernels.dequantize_kv(gathered, params[layer][tables], self.config.head_dim)
+            out.append(gathered.reshape(batch, -1, *gathered.shape[-2:])[:, :ctx.kv_len].to(self.dtype))
+        return out[0], out[1]
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: block dst of every layer becomes a copy of block src."""
+        if not copies:
+            return
+        src, dst = (torch.tensor(ids, device=self.k.device) for ids in zip(*copies))
+        for tensor in (self.k, self.v, self.k_params, self.v_params):
+            if tensor is not None:
+                tensor[:, dst] = tensor[:, src]

@@ -1,0 +1,126 @@
+"""The paged KV cache under the native model: same greedy tokens as the contiguous cache,
+prefix-cache hits that skip recomputation, copy-on-write, and LMDeploy-style sizing."""
+import pytest
+import torch
+
+from minideploy.cache.block_manager import BlockManager
+from minideploy.cache.kv_cache import PagedKVCache, kv_bytes_per_token, num_blocks_for
+from minideploy.config import EngineConfig, ModelConfig
+from minideploy.engine.model_runner import ModelRunner, Row
+from minideploy.models import ForwardContext, KVCache, random_model
+
+TINY = ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=6,
+                   num_kv_heads=2, head_dim=8, max_position_embeddings=256)
+
+
+def contiguous_greedy(model, prompt, steps):
+    """The reference: one contiguous row, prefill then one token at a time."""
+    config = model.config
+    cache = KVCache(config, 1, len(prompt) + steps, model.embed.weight.dtype, "cpu")
+    ids = torch.tensor([prompt])
+    ctx = ForwardContext(positions=torch.arange(len(prompt))[None], kv_len=len(prompt))
+    out = []
+    logits = model.logits(model(ids, ctx, cache)[:, -1])
+    for step in range(steps):
+        out.append(int(logits.argmax()))
+        if step == steps - 1:
+            break
+        pos = len(prompt) + step
+        ctx = ForwardContext(positions=torch.tensor([[pos]]), kv_len=pos + 1)
+        logits = model.logits(model(torch.tensor([[out[-1]]]), ctx, cache)[:, -1])
+    return out
+
+
+def paged_greedy(model, prompts, steps, block_size, num_blocks, quant_policy=0):
+    """Prefill one prompt at a time (later ones hit earlier ones' blocks), then decode all together."""
+    cache = PagedKVCache(model.config, num_blocks, block_size, model.embed.weight.dtype, "cpu", quant_policy)
+    manager, runner = BlockManager(num_blocks, block_size), ModelRunner(model, cache)
+    tokens, hits = [], []
+    for i, prompt in enumerate(prompts):
+        cached = manager.allocate(i, prompt)
+        hits.append(cached)
+        logits = runner.forward([Row(prompt[cached:], cached, manager.block_table(i))])
+        manager.commit(i, prompt)
+        tokens.append(list(prompt) + [int(logits.argmax())])
+    for _ in range(steps - 1):
+        rows = []
+        for i, seq in enumerate(tokens):
+            cache.copy_blocks(manager.append(i, len(seq)))
+            rows.append(Row([seq[-1]], len(seq) - 1, manager.block_table(i)))
+        logits = runner.forward(rows)
+        for i, seq in enumerate(tokens):
+            manager.commit(i, seq)
+            seq.append(int(logits[i].argmax()))
+    manager.check()
+    return [seq[len(p):] for seq, p in zip(tokens, prompts)], hits, manager
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_paged_greedy_equals_contiguous_on_a_tiny_model(block_size):
+    model = random_model(TINY, dtype=torch.float32, seed=3)
+    system = [5, 17, 33, 2, 8, 61, 40, 9, 11, 12, 70, 3, 4, 90, 1, 6, 7]  # shared prefix
+    prompts = [system + [20, 21], system + [22], [50, 51, 52], system + [20, 21, 23, 24, 25]]
+    paged, hits, _ = paged_greedy(model, prompts, steps=12, block_size=block_size, num_blocks=160)
+    assert paged == [contiguous_greedy(model, p, 12) for p in prompts]
+    assert hits[0] == 0 and hits[2] == 0
+    # the second prompt reuses the system prompt's full blocks, the fourth the first's too
+    assert hits[1] == len(system) // block_size * block_size
+    assert hits[3] == (len(system) + 2) // block_size * block_size
+
+
+def test_paged_greedy_equals_contiguous_on_the_default_model(default_model):
+    tok = default_model.tokenizer
+    system = "You are a helpful assistant that answers in one short sentence. "
+    prompts = [tok.encode(system + q) for q in ("What is a cache?", "Why is the sky blue?")]
+    paged, hits, _ = paged_greedy(default_model.model, prompts, steps=8, block_size=8, num_blocks=32)
+    assert paged == [contiguous_greedy(default_model.model, p, 8) for p in prompts]
+    assert hits[1] >= 8
+
+
+def test_copy_on_write_keeps_the_parent_intact():
+    model = random_model(TINY, dtype=torch.float32, seed=1)
+    cache = PagedKVCache(TINY, 8, 4, torch.float32, "cpu")
+    manager, runner = BlockManager(8, 4), ModelRunner(model, cache)
+    prompt = [1, 2, 3, 4, 5, 6]
+    manager.allocate("p", prompt)
+    runner.forward([Row(prompt, 0, manager.block_table("p"))])
+    manager.fork("p", "c")
+    parent_block = manager.block_table("p")[1]
+    before = cache.k[:, parent_block].clone()
+    cache.copy_blocks(manager.append("c", 7))
+    child_block = manager.block_table("c")[1]
+    assert child_block != parent_block and torch.equal(cache.k[:, child_block], before)
+    runner.forward([Row([9], 6, manager.block_table("c"))])  # the child writes position 6
+    assert torch.equal(cache.k[:, parent_block], before)
+    assert not torch.equal(cache.k[:, child_block], before)
+
+
+def test_runner_rejects_rows_that_overflow_their_blocks():
+    model = random_model(TINY, dtype=torch.float32)
+    runner = ModelRunner(model, PagedKVCache(TINY, 4, 4, torch.float32, "cpu"))
+    with pytest.raises(ValueError, match="does not fit its 1 blocks of 4"):
+        runner.forward([Row([1, 2, 3, 4, 5], 0, [0])])
+    with pytest.raises(ValueError, match="no rows"):
+        runner.forward([])
+
+
+def test_sizing_by_count_and_by_fraction():
+    per_token = kv_bytes_per_token(TINY, torch.float16)
+    assert per_token == 2 * TINY.num_layers * TINY.num_kv_heads * TINY.head_dim * 2
+    # int8 halves the codes and adds (scale, zero) float32 per token and head
+    assert kv_bytes_per_token(TINY, torch.float16, 8) == per_token // 2 + 2 * 2 * 2 * 8
+    cpu = torch.device("cpu")
+    assert num_blocks_for(TINY, EngineConfig(cache_max_entry_count=7), torch.float16, cpu) == 7
+    capped = num_blocks_for(TINY, EngineConfig(cache_max_entry_count=0.5, cache_block_seq_len=64),
+                            torch.float16, cpu, max_tokens=1000)
+    assert capped == 16  # ceil(1000 / 64): a CPU cache never needs more
+    huge = ModelConfig(vocab_size=10, hidden_size=8192, intermediate_size=8, num_layers=10**6, num_heads=64,
+                       num_kv_heads=64, head_dim=128)
+    with pytest.raises(ValueError, match="the KV cache gets no block"):
+        num_blocks_for(huge, EngineConfig(cache_max_entry_count=0.01), torch.float16, cpu)
+
+
+def test_paged_cache_needs_runner_metadata():
+    cache = PagedKVCache(TINY, 2, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="needs slots, block_tables and context_lens"):
+        cache.prepare(ForwardContext(positions=torch.zeros(1, 1, dtype=torch.long), kv_len=1))
