@@ -4,7 +4,8 @@ Evaluation text: `pydoc_data.topics` sorted by key, from the 41st topic on
 (the first 40 are the calibration split), 40 windows of 512 tokens, fp32;
 or `--text FILE`. Each window is scored on its own. Rows: float, then RTN and
 AWQ at each setting (default W4 g64, W4 g32, W3 g64; asymmetric, groups along
-in_features, every q/k/v/o/gate/up/down projection). AWQ calibrates on the
+in_features, every q/k/v/o/gate/up/down projection); with `--quant-policy 8,4`
+also the float weights over an int8 / int4 KV cache. AWQ calibrates on the
 calibration split (about 12 minutes per setting on 2 CPU cores with 64 x 512
 tokens). Writes figures/ppl.json.
 """
@@ -38,8 +39,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--search-samples", type=int, default=16,
                         help="calibration sequences that score AWQ's candidates")
+    parser.add_argument("--quant-policy", default="",
+                        help="comma-separated KV-cache policies (8: int8, 4: int4) scored on the float "
+                             "weights beside the weight rows, e.g. 8,4")
     args = parser.parse_args(argv)
-    settings = [tuple(int(v) for v in item.split(":")) for item in args.settings.split(",")]
+    settings = [tuple(int(v) for v in item.split(":")) for item in args.settings.split(",") if item]
+    kv_policies = [int(v) for v in args.quant_policy.split(",") if v]
+    if any(p not in (4, 8) for p in kv_policies):
+        parser.error(f"--quant-policy takes 8 and/or 4, got {args.quant_policy!r}")
 
     loaded = load_model(args.model, dtype=torch.float32)
     text = args.text.read_text(encoding="utf-8") if args.text else topics_text("eval")
@@ -47,14 +54,17 @@ def main(argv=None) -> dict:
     float_state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     rows = []
 
-    def score(method: str, bits=None, group_size=None):
+    def score(method: str, bits=None, group_size=None, kv_policy=0):
         start = time.perf_counter()
-        ppl = perplexity(loaded.model, windows, progress=True)
-        rows.append({"method": method, "w_bits": bits, "group_size": group_size, "ppl": ppl,
-                     "seconds": time.perf_counter() - start})
-        print(f"{method:6} {'' if bits is None else f'W{bits} g{group_size}':8} ppl {ppl:.2f}", flush=True)
+        ppl = perplexity(loaded.model, windows, progress=True, quant_policy=kv_policy)
+        rows.append({"method": method, "w_bits": bits, "group_size": group_size, "kv_quant_policy": kv_policy,
+                     "ppl": ppl, "seconds": time.perf_counter() - start})
+        print(f"{method:6} {'' if bits is None else f'W{bits} g{group_size}':8} "
+              f"{f'KV int{kv_policy}' if kv_policy else '':8} ppl {ppl:.2f}", flush=True)
 
     score("float")
+    for policy in kv_policies:
+        score("float", kv_policy=policy)
     calib = token_windows(loaded.tokenizer, topics_text("calib"), args.calib_samples, args.calib_seqlen)
     for bits, group_size in settings:
         loaded.model.load_state_dict(float_state, strict=False)

@@ -23,7 +23,7 @@ from minideploy.kernels import reference
 from minideploy.kernels.build import KernelBuildError, cuda_arch, load, try_load
 
 __all__ = ["rms_norm", "add_rms_norm", "rope", "linear", "w4a16_linear", "dequantize_w4", "store_kv",
-           "decode_attention", "decode_attention_fits", "silu_and_mul", "backend_for", "KernelBuildError", "reference"]
+           "decode_attention", "decode_attention_fits", "quantize_kv", "dequantize_kv", "silu_and_mul", "backend_for", "KernelBuildError", "reference"]
 
 ENV_VAR = "MINIDEPLOY_KERNELS"
 MODES = ("auto", "reference", "compiled")
@@ -149,19 +149,30 @@ def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slots: torch.Tensor) -> None:
+             slots: torch.Tensor, k_params: Optional[torch.Tensor] = None,
+             v_params: Optional[torch.Tensor] = None) -> None:
     """Write k, v [num_tokens, num_kv_heads, head_dim] into cache slots, in place (one launch).
 
-    The caches (contiguous, any leading dims) are seen as [num_slots, num_kv_heads, head_dim];
+    The caches (contiguous, any leading dims) are seen as [num_slots, num_kv_heads, width];
     slots [num_tokens] int64 or int32, a negative slot is skipped (padding). Rows of k and v
     must be contiguous; the stride between rows is free (v may be a slice of the qkv output).
+    Float cache: k's dtype, width = head_dim. Quantized cache (quant_policy 8 / 4): pass
+    k_params, v_params float32 [..., num_kv_heads, 2]; the caches are uint8 with width
+    head_dim (int8) or head_dim / 2 (int4), and each row is quantized on the way in
+    (`reference.quantize_kv`: asymmetric, per token and head).
     On CUDA an out-of-range slot is not checked (that would synchronise): it is skipped.
     """
     ext = _extension(ATTENTION, k.device)
     if ext is None:
-        reference.store_kv(k, v, k_cache, v_cache, slots)
+        reference.store_kv(k, v, k_cache, v_cache, slots, k_params, v_params)
     else:
-        ext.store_kv(k, v, k_cache, v_cache, slots)
+        ext.store_kv(k, v, k_cache, v_cache, slots, k_params, v_params)
+
+
+# Pure functions (no kernel): quantize rows of K/V, and dequantize gathered cache blocks
+# (the prefill path runs SDPA over them).
+quantize_kv = reference.quantize_kv
+dequantize_kv = reference.dequantize_kv
 
 
 def decode_attention_fits(head_dim: int) -> bool:
@@ -170,18 +181,25 @@ def decode_attention_fits(head_dim: int) -> bool:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                     k_params: Optional[torch.Tensor] = None,
+                     v_params: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of one new token per sequence over its paged cache -> [batch, num_heads, head_dim].
 
-    q [batch, num_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads, head_dim];
-    block_tables [batch, max_blocks] int32; context_lens [batch] int32 (keys 0..len-1).
-    Float32 softmax; GQA. On CUDA nothing depends on the host value of context_lens (CUDA
-    graphs replay it); a bad length or block id gives NaN there instead of an error.
+    q [batch, num_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads, head_dim]
+    in q's dtype, or quantized: uint8 [..., head_dim] (int8) / [..., head_dim / 2] (int4)
+    with k_params, v_params float32 [num_blocks, block_size, num_kv_heads, 2] (scale, zero),
+    dequantized in the kernel. block_tables [batch, max_blocks] int32; context_lens [batch]
+    int32 (keys 0..len-1). Float32 softmax; GQA. On CUDA nothing depends on the host value
+    of context_lens (CUDA graphs replay it); a bad length or block id gives NaN there
+    instead of an error.
     """
     ext = _extension(ATTENTION, q.device)
     if ext is None:
-        return reference.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return ext.decode_attention(q, k_cache, v_cache, block_tables, context_lens, float(scale))
+        return reference.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                          k_params, v_params)
+    return ext.decode_attention(q, k_cache, v_cache, block_tables, context_lens, float(scale),
+                                k_params, v_params)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

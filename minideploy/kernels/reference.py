@@ -248,8 +248,126 @@ def _rows_contiguous(t: torch.Tensor) -> bool:
     return (t.shape[2] <= 1 or t.stride(2) == 1) and (t.shape[1] <= 1 or t.stride(1) == t.shape[2])
 
 
+# --- KV-cache quantization (LMDeploy's quant_policy) ----------------------------------
+#
+# quant_policy 8 stores each K/V element as one uint8 code, 4 as a nibble (two codes a
+# byte: element 2i in the low nibble, 2i+1 in the high one). Asymmetric, per token and
+# KV head: one (scale, zero) pair in float32 for each row of head_dim values, with
+#     zero = min(x), scale = (max(x) - min(x)) / (2^bits - 1),
+#     q = clamp(round((x - zero) / scale), 0, 2^bits - 1)    (q = 0 when scale == 0),
+#     x ~= q * scale + zero.
+# A cache row is then head_dim bytes (int8) or head_dim / 2 bytes (int4), and the
+# parameters live beside the cache as [..., num_kv_heads, 2] float32 = (scale, zero).
+# Which policy a cache holds follows from its last dim: head_dim -> 8, head_dim / 2 -> 4.
+KV_QUANT_POLICIES = (0, 8, 4)  # 0: the cache in the activations' float dtype
+
+
+def kv_cache_width(head_dim: int, quant_policy: int = 0) -> int:
+    """The last dim of a KV cache of heads of `head_dim` under `quant_policy` (0, 8 or 4)."""
+    if quant_policy not in KV_QUANT_POLICIES:
+        raise ValueError(f"quant_policy must be one of {KV_QUANT_POLICIES}, got {quant_policy}")
+    if quant_policy == 4:
+        if head_dim % 2:
+            raise ValueError(f"quant_policy 4 (int4) needs an even head_dim, got {head_dim}")
+        return head_dim // 2
+    return head_dim
+
+
+def _kv_bits(width: int, head_dim: int) -> int:
+    """8 or 4 for a quantized cache whose last dim is `width`; 0 if it fits neither."""
+    if width == head_dim:
+        return 8
+    if head_dim % 2 == 0 and width == head_dim // 2:
+        return 4
+    return 0
+
+
+def quantize_kv(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., head_dim] -> (codes uint8 [..., head_dim] (bits 8) or [..., head_dim // 2]
+    (bits 4, packed), params float32 [..., 2] = (scale, zero)), per row of head_dim values.
+
+    Float32 math in this order (the kernels repeat it, so codes match bit for bit):
+    scale = (max - min) / (2^bits - 1); q = round_half_even((x - min) / scale), clamped.
+    """
+    if bits not in (8, 4):
+        raise ValueError(f"quantize_kv: bits must be 8 or 4, got {bits}")
+    if x.dim() == 0 or x.shape[-1] == 0 or (bits == 4 and x.shape[-1] % 2):
+        raise ValueError(f"quantize_kv: x must have a non-empty last dim (even for 4 bits), "
+                         f"got shape {_shape(x)}")
+    qmax = float(2**bits - 1)
+    xf = x.float()
+    lo = xf.amin(-1, keepdim=True)                                        # [..., 1]
+    # A tensor divisor: torch turns division by a Python number into a multiplication by
+    # its reciprocal on some devices, which rounds differently from the kernels' division.
+    scale = (xf.amax(-1, keepdim=True) - lo) / torch.full_like(lo, qmax)  # [..., 1]
+    q = torch.where(scale > 0, (xf - lo) / scale, 0.0).round_().clamp_(0.0, qmax).to(torch.uint8)
+    if bits == 4:
+        q = q[..., 0::2] | (q[..., 1::2] << 4)                            # [..., head_dim // 2]
+    return q, torch.cat([scale, lo], dim=-1)
+
+
+def dequantize_kv(cache: torch.Tensor, params: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Codes [..., head_dim] (int8) or [..., head_dim // 2] (int4) and params [..., 2]
+    -> float32 [..., head_dim] = code * scale + zero (two roundings, as the kernels)."""
+    bits = _kv_bits(cache.shape[-1], head_dim) if cache.dim() else 0
+    if cache.dtype != torch.uint8 or not bits:
+        _fail(f"dequantize_kv: cache must be uint8 [..., head_dim] or [..., head_dim // 2] with "
+              f"head_dim={head_dim}, got {dtype_name(cache.dtype)} {_shape(cache)}")
+    if params.dtype != torch.float32 or tuple(params.shape) != (*cache.shape[:-1], 2):
+        expect = str([*cache.shape[:-1], 2]).replace(" ", "")
+        _fail(f"dequantize_kv: params must be float32 {expect}, got {dtype_name(params.dtype)} {_shape(params)}")
+    codes = cache
+    if bits == 4:
+        codes = torch.stack([cache & 0xF, cache >> 4], dim=-1).flatten(-2)  # [..., head_dim]
+    return codes.float() * params[..., 0, None] + params[..., 1, None]
+
+
+def _kv_cache_bits(op: str, head_arg: str, head: torch.Tensor, k_cache: torch.Tensor,
+                   k_params: torch.Tensor | None, v_params: torch.Tensor | None) -> int:
+    """The cache's dtype and last dim; returns 0 (a float cache), 8 or 4 (quantized)."""
+    if (k_params is None) != (v_params is None):
+        _fail(f"{op}: k_params and v_params must be given together (a quantized cache) "
+              "or both left out (a float cache)")
+    if k_params is None:
+        _check_like(op, "k_cache", k_cache, head_arg, head)
+        return 0
+    head_dim = head.shape[-1]
+    if k_cache.dtype != torch.uint8:
+        _fail(f"{op}: k_cache must be uint8 for a quantized cache (k_params given), "
+              f"got {dtype_name(k_cache.dtype)}")
+    if k_cache.device != head.device:
+        _fail(f"{op}: k_cache must be on {head_arg}'s device {head.device}, got {k_cache.device}")
+    width = k_cache.shape[-1] if k_cache.dim() else -1
+    if head_dim % 2 and width != head_dim and width in (head_dim // 2, head_dim // 2 + 1):
+        _fail(f"{op}: {head_arg} must have an even head_dim for an int4 cache, got shape {_shape(head)}")
+    bits = _kv_bits(width, head_dim)
+    if not bits:
+        _fail(f"{op}: k_cache must have a last dim of head_dim={head_dim} (int8) or head_dim/2="
+              f"{head_dim // 2} (int4) for a quantized cache, got shape {_shape(k_cache)}")
+    return bits
+
+
+def _check_kv_params(op: str, head_arg: str, head: torch.Tensor, k_cache: torch.Tensor,
+                     k_params: torch.Tensor, v_params: torch.Tensor) -> None:
+    """(scale, zero) per cache row: float32 [*k_cache.shape[:-1], 2], contiguous."""
+    expect = str([*k_cache.shape[:-1], 2]).replace(" ", "")
+    for arg, t in (("k_params", k_params), ("v_params", v_params)):
+        if t.dtype != torch.float32:
+            _fail(f"{op}: {arg} must be float32, got {dtype_name(t.dtype)}")
+        if t.device != head.device:
+            _fail(f"{op}: {arg} must be on {head_arg}'s device {head.device}, got {t.device}")
+        if _shape(t) != expect:
+            _fail(f"{op}: {arg} must have shape {expect} (k_cache's leading dims, then scale and "
+                  f"zero), got {_shape(t)}")
+        _check_contiguous(op, arg, t)
+
+
+# --- KV cache writes and decode attention ---------------------------------------------
+
 def check_store_kv_args(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        slots: torch.Tensor) -> None:
+                        slots: torch.Tensor, k_params: torch.Tensor | None = None,
+                        v_params: torch.Tensor | None = None) -> int:
+    """The input contract of store_kv; returns the cache's bits (0: float, 8 or 4)."""
     op = "store_kv"
     _check_float(op, "k", k)
     if k.dim() != 3:
@@ -261,15 +379,18 @@ def check_store_kv_args(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
         _fail(f"{op}: v must have the shape of k {_shape(k)}, got {_shape(v)}")
     if not _rows_contiguous(v):
         _fail(f"{op}: v must have contiguous rows (strides [*, head_dim, 1]), got strides {_strides(v)}")
-    _check_like(op, "k_cache", k_cache, "k", k)
-    if k_cache.dim() < 3 or tuple(k_cache.shape[-2:]) != tuple(k.shape[1:]):
+    bits = _kv_cache_bits(op, "k", k, k_cache, k_params, v_params)
+    width = k.shape[2] // 2 if bits == 4 else k.shape[2]
+    if k_cache.dim() < 3 or tuple(k_cache.shape[-2:]) != (k.shape[1], width):
         _fail(f"{op}: k_cache must have shape [..., num_slots, num_kv_heads, head_dim]="
-              f"[...,*,{k.shape[1]},{k.shape[2]}], got {_shape(k_cache)}")
+              f"[...,*,{k.shape[1]},{width}], got {_shape(k_cache)}")
     _check_contiguous(op, "k_cache", k_cache)
     _check_like(op, "v_cache", v_cache, "k_cache", k_cache)
     if v_cache.shape != k_cache.shape:
         _fail(f"{op}: v_cache must have the shape of k_cache {_shape(k_cache)}, got {_shape(v_cache)}")
     _check_contiguous(op, "v_cache", v_cache)
+    if bits:
+        _check_kv_params(op, "k", k, k_cache, k_params, v_params)
     if slots.dtype not in SLOT_DTYPES:
         _fail(f"{op}: slots must be int64 (or int32), got {dtype_name(slots.dtype)}")
     if slots.device != k.device:
@@ -279,34 +400,46 @@ def check_store_kv_args(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     _check_contiguous(op, "slots", slots)
     # A GPU check would synchronise: there, out-of-range slots are skipped instead.
     if slots.device.type == "cpu" and slots.numel() > 0:
-        num_slots = k_cache.numel() // max(1, k.shape[1] * k.shape[2])
+        num_slots = k_cache.numel() // max(1, k.shape[1] * width)
         bad = slots[slots >= num_slots]
         if bad.numel():
             _fail(f"{op}: slots must be < num_slots={num_slots} (or negative: skip), got {int(bad[0])}")
+    return bits
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slots: torch.Tensor) -> None:
+             slots: torch.Tensor, k_params: torch.Tensor | None = None,
+             v_params: torch.Tensor | None = None) -> None:
     """k_cache[slots[i]] = k[i] and v_cache[slots[i]] = v[i], in place; slots[i] < 0: skipped.
 
     k, v [num_tokens, num_kv_heads, head_dim] (rows contiguous); caches [..., num_kv_heads,
-    head_dim] contiguous, seen as [num_slots, num_kv_heads, head_dim]; slots [num_tokens].
+    width] contiguous, seen as [num_slots, num_kv_heads, width]; slots [num_tokens].
+    Float cache: width = head_dim, the caches in k's dtype. Quantized cache (k_params and
+    v_params given, float32 [..., num_kv_heads, 2]): uint8 caches, width head_dim (int8) or
+    head_dim / 2 (int4); each row is quantized by `quantize_kv` and its (scale, zero) written
+    to the same slot of the params.
     """
-    check_store_kv_args(k, v, k_cache, v_cache, slots)
+    bits = check_store_kv_args(k, v, k_cache, v_cache, slots, k_params, v_params)
     keep = slots >= 0
     index = slots[keep].long()
-    for src, cache in ((k, k_cache), (v, v_cache)):
-        flat = cache.view(-1, *src.shape[1:])  # [num_slots, num_kv_heads, head_dim]
-        if slots.device.type != "cpu":  # out-of-range slots are skipped, as on the GPU
-            inside = index < flat.shape[0]
-            flat.index_copy_(0, index[inside], src[keep][inside])
-        else:
-            flat.index_copy_(0, index, src[keep])
+    inside = slice(None)
+    if slots.device.type != "cpu":  # out-of-range slots are skipped, as on the GPU
+        inside = index < k_cache.numel() // max(1, k_cache.shape[-1] * k_cache.shape[-2])
+    index = index[inside]
+    for src, cache, params in ((k, k_cache, k_params), (v, v_cache, v_params)):
+        rows = src[keep][inside]                                          # [n, num_kv_heads, head_dim]
+        flat = cache.view(-1, *cache.shape[-2:])                          # [num_slots, num_kv_heads, width]
+        if bits:
+            rows, row_params = quantize_kv(rows, bits)
+            params.view(-1, src.shape[1], 2).index_copy_(0, index, row_params)
+        flat.index_copy_(0, index, rows)
 
 
 def check_decode_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 block_tables: torch.Tensor, context_lens: torch.Tensor,
-                                scale: float) -> None:
+                                scale: float, k_params: torch.Tensor | None = None,
+                                v_params: torch.Tensor | None = None) -> int:
+    """The input contract of decode_attention; returns the cache's bits (0: float, 8 or 4)."""
     op = "decode_attention"
     _check_float(op, "q", q)
     if q.dim() != 3:
@@ -316,10 +449,11 @@ def check_decode_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
         _fail(f"{op}: q must have a head_dim that is a multiple of {HEAD_DIM_MULTIPLE} in "
               f"[{HEAD_DIM_MULTIPLE}, {MAX_HEAD_DIM}], got shape {_shape(q)}")
     _check_contiguous(op, "q", q)
-    _check_like(op, "k_cache", k_cache, "q", q)
-    if k_cache.dim() != 4 or k_cache.shape[3] != head_dim:
+    bits = _kv_cache_bits(op, "q", q, k_cache, k_params, v_params)
+    width = head_dim // 2 if bits == 4 else head_dim
+    if k_cache.dim() != 4 or k_cache.shape[3] != width:
         _fail(f"{op}: k_cache must have shape [num_blocks, block_size, num_kv_heads, head_dim]="
-              f"[*,*,*,{head_dim}], got {_shape(k_cache)}")
+              f"[*,*,*,{width}], got {_shape(k_cache)}")
     if k_cache.shape[1] == 0 or k_cache.shape[2] == 0:
         _fail(f"{op}: k_cache must have block_size > 0 and num_kv_heads > 0, got shape {_shape(k_cache)}")
     if num_heads % k_cache.shape[2]:
@@ -330,6 +464,8 @@ def check_decode_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     if v_cache.shape != k_cache.shape:
         _fail(f"{op}: v_cache must have the shape of k_cache {_shape(k_cache)}, got {_shape(v_cache)}")
     _check_contiguous(op, "v_cache", v_cache)
+    if bits:
+        _check_kv_params(op, "q", q, k_cache, k_params, v_params)
     for arg, t, shape in (("block_tables", block_tables, "[batch, max_blocks]"),
                           ("context_lens", context_lens, "[batch]")):
         if t.dtype != torch.int32:
@@ -356,22 +492,27 @@ def check_decode_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
             if bad.numel():
                 _fail(f"{op}: block_tables must hold block ids in [0, {num_blocks}) for every "
                       f"block a sequence uses, got {int(bad[0])}")
+    return bits
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, k_params: torch.Tensor | None = None,
+                     v_params: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new query per sequence over its cached keys 0..context_lens[b]-1.
 
     q [batch, num_heads, head_dim]; k_cache, v_cache [num_blocks, block_size, num_kv_heads,
-    head_dim]; block_tables [batch, max_blocks] int32; context_lens [batch] int32. Query head
-    h reads kv head h // (num_heads // num_kv_heads) (grouped-query attention, as Hugging
-    Face's repeat_kv). softmax(scale * q k^T) v in float32 -> [batch, num_heads, head_dim]
-    in q's dtype; a sequence with no keys gets zeros.
+    head_dim] in q's dtype, or quantized (k_params, v_params float32 [num_blocks, block_size,
+    num_kv_heads, 2] given): uint8 [..., head_dim] (int8) or [..., head_dim / 2] (int4),
+    dequantized by `dequantize_kv`. block_tables [batch, max_blocks] int32; context_lens
+    [batch] int32. Query head h reads kv head h // (num_heads // num_kv_heads) (grouped-query
+    attention, as Hugging Face's repeat_kv). softmax(scale * q k^T) v in float32 -> [batch,
+    num_heads, head_dim] in q's dtype; a sequence with no keys gets zeros.
     """
-    check_decode_attention_args(q, k_cache, v_cache, block_tables, context_lens, scale)
+    bits = check_decode_attention_args(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                       k_params, v_params)
     batch, num_heads, head_dim = q.shape
-    num_blocks, block_size, kv_heads, _ = k_cache.shape
+    num_blocks, block_size, kv_heads, width = k_cache.shape
     lens = context_lens.long()
     span = block_tables.shape[1] * block_size
     if q.device.type == "cpu" and batch > 0:  # no need to gather keys beyond the longest sequence
@@ -380,8 +521,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     valid = t[None, :] < lens[:, None]                                    # [batch, span]
     blocks = block_tables.long()[:, t // block_size]                      # [batch, span]
     slots = torch.where(valid, blocks * block_size + t % block_size, 0)   # padding reads slot 0
-    keys = k_cache.reshape(-1, kv_heads, head_dim)[slots].float()         # [batch, span, kv_heads, head_dim]
-    values = v_cache.reshape(-1, kv_heads, head_dim)[slots].float()
+    if bits:
+        keys = dequantize_kv(k_cache.reshape(-1, kv_heads, width)[slots],
+                             k_params.reshape(-1, kv_heads, 2)[slots], head_dim)
+        values = dequantize_kv(v_cache.reshape(-1, kv_heads, width)[slots],
+                               v_params.reshape(-1, kv_heads, 2)[slots], head_dim)
+    else:
+        keys = k_cache.reshape(-1, kv_heads, head_dim)[slots].float()     # [batch, span, kv_heads, head_dim]
+        values = v_cache.reshape(-1, kv_heads, head_dim)[slots].float()
     values = values.masked_fill(~valid[:, :, None, None], 0.0)            # padding weighs 0, even if NaN
     qf = q.float().view(batch, kv_heads, num_heads // kv_heads, head_dim)
     scores = torch.einsum("bkgd,btkd->bkgt", qf, keys) * scale           # [batch, kv_heads, group, span]

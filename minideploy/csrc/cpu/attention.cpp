@@ -24,6 +24,15 @@
 // flash attention), so no buffer grows with the context. Tasks run on
 // at::parallel_for only when there is enough work to pay for waking the threads.
 // store_kv copies whole rows with memcpy; it is a byte copy, so every dtype shares it.
+// Quantized caches (LMDeploy's quant_policy 8 / 4; reference.quantize_kv is the spec):
+//   store_kv(..., k_params, v_params): each row of head_dim values (one token, one kv head)
+//       becomes uint8 codes (int8: one a byte; int4: element 2i in the low nibble of byte i,
+//       2i+1 in the high one) and (scale, zero) float32 in params[slot, head], computed in
+//       float32 in the reference's order, so the codes match it bit for bit.
+//   decode_attention(..., k_params, v_params): caches uint8 [.., head_dim] or [.., head_dim/2],
+//       params [num_blocks, block_size, num_kv_heads, 2]; each key/value row is dequantized
+//       (code * scale + zero) into the row buffer the float path converts into, and the rest
+//       is the float path.
 // All value checks (slots, lengths, block ids) run before any parallel region: an
 // exception must never leave one.
 
@@ -65,6 +74,61 @@ void store_kv_impl(const char* k, const char* v, int64_t k_stride, int64_t v_str
   });
 }
 
+// One row of head_dim values -> codes and (scale, zero), float32 in the reference's order:
+// scale = (max - min) / qmax, q = round_half_even((x - min) / scale) clamped (0 if scale == 0).
+template <int Bits, typename scalar_t>
+void quantize_row(const scalar_t* x, int64_t n, uint8_t* codes, float* params) {
+  constexpr float qmax = static_cast<float>((1 << Bits) - 1);
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  for (int64_t i = 0; i < n; ++i) {
+    const float f = static_cast<float>(x[i]);
+    lo = std::min(lo, f);
+    hi = std::max(hi, f);
+  }
+  const float scale = (hi - lo) / qmax;
+  auto code = [&](int64_t i) -> uint8_t {
+    if (!(scale > 0.0f)) return 0;
+    const float q = std::nearbyint((static_cast<float>(x[i]) - lo) / scale);  // ties to even
+    return static_cast<uint8_t>(std::min(std::max(q, 0.0f), qmax));
+  };
+  if constexpr (Bits == 8) {
+    for (int64_t i = 0; i < n; ++i) codes[i] = code(i);
+  } else {
+    for (int64_t i = 0; i < n / 2; ++i) codes[i] = code(2 * i) | static_cast<uint8_t>(code(2 * i + 1) << 4);
+  }
+  params[0] = scale;
+  params[1] = lo;
+}
+
+struct QuantCache {
+  uint8_t* k;
+  uint8_t* v;
+  float* k_params;
+  float* v_params;
+};
+
+// Quantized store: one task per token; every (token, kv head) row of K and V quantized on its own.
+template <int Bits, typename scalar_t, typename slot_t>
+void store_kv_quant_impl(const scalar_t* k, const scalar_t* v, int64_t k_stride, int64_t v_stride,
+                         const QuantCache& cache, const slot_t* slots, int64_t num_tokens,
+                         int64_t kv_heads, int64_t head_dim) {
+  const int64_t width = head_dim * Bits / 8;  // bytes of one row of codes
+  const int64_t grain = std::max<int64_t>(1, kMinCopyBytes / std::max<int64_t>(1, 8 * kv_heads * head_dim));
+  at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t slot = static_cast<int64_t>(slots[t]);
+      if (slot < 0) continue;  // padding
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        const int64_t row = slot * kv_heads + h;
+        quantize_row<Bits>(k + t * k_stride + h * head_dim, head_dim, cache.k + row * width,
+                           cache.k_params + 2 * row);
+        quantize_row<Bits>(v + t * v_stride + h * head_dim, head_dim, cache.v + row * width,
+                           cache.v_params + 2 * row);
+      }
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------
 // decode_attention: one task per (sequence, kv head), online softmax over chunks.
 // ---------------------------------------------------------------------------
@@ -96,13 +160,39 @@ inline const float* as_float(const scalar_t* row, float* buffer, int64_t n) {
   }
 }
 
+// Row `row` (= slot * kv_heads + kv head) of a cache as float32. Bits 0: a float cache of
+// cache_t; 8 / 4: uint8 codes dequantized with their (scale, zero) as code * scale + zero.
+template <int Bits, typename cache_t>
+inline const float* load_row(const cache_t* cache, const float* params, int64_t row, float* buffer,
+                             int64_t n) {
+  if constexpr (Bits == 0) {
+    return as_float(cache + row * n, buffer, n);
+  } else {
+    const float scale = params[2 * row], zero = params[2 * row + 1];
+    const uint8_t* codes = cache + row * (n * Bits / 8);
+    if constexpr (Bits == 8) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(codes[i]) * scale + zero;
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < n / 2; ++i) {
+        buffer[2 * i] = static_cast<float>(codes[i] & 0xF) * scale + zero;
+        buffer[2 * i + 1] = static_cast<float>(codes[i] >> 4) * scale + zero;
+      }
+    }
+    return buffer;
+  }
+}
+
 struct AttentionShape {
   int64_t batch, num_heads, kv_heads, group, head_dim, block_size, max_blocks;
   float scale;
 };
 
-template <typename scalar_t>
-void decode_attention_impl(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
+// Bits 0: caches of cache_t = scalar_t; Bits 8 / 4: uint8 caches with params (scale, zero).
+template <int Bits, typename scalar_t, typename cache_t>
+void decode_attention_impl(const scalar_t* q, const cache_t* k_cache, const cache_t* v_cache,
+                           const float* k_params, const float* v_params,
                            const int32_t* block_tables, const int32_t* context_lens, scalar_t* out,
                            const AttentionShape& s) {
   const int64_t hd = s.head_dim, group = s.group;
@@ -130,15 +220,15 @@ void decode_attention_impl(const scalar_t* q, const scalar_t* k_cache, const sca
       std::fill(run_max.begin(), run_max.end(), -std::numeric_limits<float>::infinity());
       std::fill(run_sum.begin(), run_sum.end(), 0.0f);
 
-      // Offset of token t's row of this kv head in a cache.
-      auto row_offset = [&](int64_t t) {
+      // Row index (slot * kv_heads + kv head) of token t of this kv head in a cache.
+      auto row_index = [&](int64_t t) {
         const int64_t block = table[t / s.block_size];
-        return ((block * s.block_size + t % s.block_size) * s.kv_heads + kvh) * hd;
+        return (block * s.block_size + t % s.block_size) * s.kv_heads + kvh;
       };
       for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
         const int64_t n = std::min(kChunk, len - c0);
         for (int64_t i = 0; i < n; ++i) {  // scores of the chunk, every head of the group
-          const float* kf = as_float(k_cache + row_offset(c0 + i), row.data(), hd);
+          const float* kf = load_row<Bits>(k_cache, k_params, row_index(c0 + i), row.data(), hd);
           for (int64_t g = 0; g < group; ++g) {
             scores[g * kChunk + i] = dot(&qf[g * hd], kf, hd) * s.scale;
           }
@@ -161,7 +251,7 @@ void decode_attention_impl(const scalar_t* q, const scalar_t* k_cache, const sca
           for (int64_t d = 0; d < hd; ++d) a[d] *= alpha;
         }
         for (int64_t i = 0; i < n; ++i) {  // the chunk's values, weighted
-          const float* vf = as_float(v_cache + row_offset(c0 + i), row.data(), hd);
+          const float* vf = load_row<Bits>(v_cache, v_params, row_index(c0 + i), row.data(), hd);
           for (int64_t g = 0; g < group; ++g) {
             const float p = scores[g * kChunk + i];
             float* a = &acc[g * hd];
@@ -243,9 +333,65 @@ void check_rows(const char* op, const char* arg, const at::Tensor& t) {
               shape_str(t.strides()));
 }
 
-// The checks shared with the CUDA file; returns num_slots.
-int64_t check_store_kv_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
-                            const at::Tensor& v_cache, const at::Tensor& slots) {
+// The checks shared with the CUDA file (the same text in both).
+using OptTensor = c10::optional<at::Tensor>;
+
+// The cache's dtype and last dim: 0 (a float cache in head's dtype), 8 or 4 (uint8 codes).
+int kv_cache_bits(const char* op, const char* head_arg, const at::Tensor& head,
+                  const at::Tensor& k_cache, const OptTensor& k_params, const OptTensor& v_params) {
+  TORCH_CHECK(k_params.has_value() == v_params.has_value(), op,
+              ": k_params and v_params must be given together (a quantized cache) or both left "
+              "out (a float cache)");
+  if (!k_params.has_value()) {
+    check_like(op, "k_cache", k_cache, head_arg, head);
+    return 0;
+  }
+  const int64_t head_dim = head.size(-1);
+  TORCH_CHECK(k_cache.scalar_type() == at::kByte, op,
+              ": k_cache must be uint8 for a quantized cache (k_params given), got ",
+              dtype_name(k_cache.scalar_type()));
+  TORCH_CHECK(k_cache.device() == head.device(), op, ": k_cache must be on ", head_arg,
+              "'s device ", head.device(), ", got ", k_cache.device());
+  const int64_t width = k_cache.dim() ? k_cache.size(-1) : -1;
+  TORCH_CHECK(!(head_dim % 2 && width != head_dim && (width == head_dim / 2 || width == head_dim / 2 + 1)),
+              op, ": ", head_arg, " must have an even head_dim for an int4 cache, got shape ",
+              shape_str(head));
+  const int bits = width == head_dim ? 8 : (head_dim % 2 == 0 && width == head_dim / 2) ? 4 : 0;
+  TORCH_CHECK(bits != 0, op, ": k_cache must have a last dim of head_dim=", head_dim,
+              " (int8) or head_dim/2=", head_dim / 2, " (int4) for a quantized cache, got shape ",
+              shape_str(k_cache));
+  return bits;
+}
+
+// (scale, zero) per cache row: float32 [*k_cache.shape[:-1], 2], contiguous.
+void check_kv_params(const char* op, const char* head_arg, const at::Tensor& head,
+                     const at::Tensor& k_cache, const at::Tensor& k_params,
+                     const at::Tensor& v_params) {
+  std::vector<int64_t> expect(k_cache.sizes().begin(), k_cache.sizes().end() - 1);
+  expect.push_back(2);
+  const at::Tensor* params[] = {&k_params, &v_params};
+  const char* names[] = {"k_params", "v_params"};
+  for (int i = 0; i < 2; ++i) {
+    const at::Tensor& t = *params[i];
+    TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", names[i], " must be float32, got ",
+                dtype_name(t.scalar_type()));
+    TORCH_CHECK(t.device() == head.device(), op, ": ", names[i], " must be on ", head_arg,
+                "'s device ", head.device(), ", got ", t.device());
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(expect), op, ": ", names[i], " must have shape ",
+                shape_str(expect), " (k_cache's leading dims, then scale and zero), got ",
+                shape_str(t));
+    check_contiguous(op, names[i], t);
+  }
+}
+
+struct StoreArgs {
+  int64_t num_slots;
+  int bits;  // 0: a float cache; 8 / 4: quantized
+};
+
+StoreArgs check_store_kv_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                              const at::Tensor& v_cache, const at::Tensor& slots,
+                              const OptTensor& k_params, const OptTensor& v_params) {
   const char* op = "store_kv";
   check_float(op, "k", k);
   TORCH_CHECK(k.dim() == 3, op, ": k must be 3-D [num_tokens, num_kv_heads, head_dim], got shape ",
@@ -255,15 +401,17 @@ int64_t check_store_kv_args(const at::Tensor& k, const at::Tensor& v, const at::
   TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have the shape of k ", shape_str(k), ", got ",
               shape_str(v));
   check_rows(op, "v", v);
-  check_like(op, "k_cache", k_cache, "k", k);
-  TORCH_CHECK(k_cache.dim() >= 3 && k_cache.size(-2) == k.size(1) && k_cache.size(-1) == k.size(2),
+  const int bits = kv_cache_bits(op, "k", k, k_cache, k_params, v_params);
+  const int64_t width = bits == 4 ? k.size(2) / 2 : k.size(2);
+  TORCH_CHECK(k_cache.dim() >= 3 && k_cache.size(-2) == k.size(1) && k_cache.size(-1) == width,
               op, ": k_cache must have shape [..., num_slots, num_kv_heads, head_dim]=[...,*,",
-              k.size(1), ",", k.size(2), "], got ", shape_str(k_cache));
+              k.size(1), ",", width, "], got ", shape_str(k_cache));
   check_contiguous(op, "k_cache", k_cache);
   check_like(op, "v_cache", v_cache, "k_cache", k_cache);
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have the shape of k_cache ",
               shape_str(k_cache), ", got ", shape_str(v_cache));
   check_contiguous(op, "v_cache", v_cache);
+  if (bits) check_kv_params(op, "k", k, k_cache, *k_params, *v_params);
   const auto slot_type = slots.scalar_type();
   TORCH_CHECK(slot_type == at::kLong || slot_type == at::kInt, op,
               ": slots must be int64 (or int32), got ", dtype_name(slot_type));
@@ -272,12 +420,14 @@ int64_t check_store_kv_args(const at::Tensor& k, const at::Tensor& v, const at::
   TORCH_CHECK(slots.dim() == 1 && slots.size(0) == k.size(0), op,
               ": slots must have shape [num_tokens]=[", k.size(0), "], got ", shape_str(slots));
   check_contiguous(op, "slots", slots);
-  return k_cache.numel() / std::max<int64_t>(1, k.size(1) * k.size(2));
+  return {k_cache.numel() / std::max<int64_t>(1, k.size(1) * width), bits};
 }
 
-void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
-                                 const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                 const at::Tensor& context_lens, double scale) {
+// Returns the cache's bits: 0 (float), 8 or 4.
+int check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
+                                const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                const at::Tensor& context_lens, double scale,
+                                const OptTensor& k_params, const OptTensor& v_params) {
   const char* op = "decode_attention";
   check_float(op, "q", q);
   TORCH_CHECK(q.dim() == 3, op, ": q must be 3-D [batch, num_heads, head_dim], got shape ",
@@ -287,10 +437,11 @@ void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
               ": q must have a head_dim that is a multiple of ", kHeadDimMultiple, " in [",
               kHeadDimMultiple, ", ", kMaxHeadDim, "], got shape ", shape_str(q));
   check_contiguous(op, "q", q);
-  check_like(op, "k_cache", k_cache, "q", q);
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(3) == head_dim, op,
+  const int bits = kv_cache_bits(op, "q", q, k_cache, k_params, v_params);
+  const int64_t width = bits == 4 ? head_dim / 2 : head_dim;
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(3) == width, op,
               ": k_cache must have shape [num_blocks, block_size, num_kv_heads, head_dim]=[*,*,*,",
-              head_dim, "], got ", shape_str(k_cache));
+              width, "], got ", shape_str(k_cache));
   TORCH_CHECK(k_cache.size(1) > 0 && k_cache.size(2) > 0, op,
               ": k_cache must have block_size > 0 and num_kv_heads > 0, got shape ",
               shape_str(k_cache));
@@ -301,6 +452,7 @@ void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have the shape of k_cache ",
               shape_str(k_cache), ", got ", shape_str(v_cache));
   check_contiguous(op, "v_cache", v_cache);
+  if (bits) check_kv_params(op, "q", q, k_cache, *k_params, *v_params);
   const at::Tensor* metadata[] = {&block_tables, &context_lens};
   const char* names[] = {"block_tables", "context_lens"};
   const char* shapes[] = {"[batch, max_blocks]", "[batch]"};
@@ -315,6 +467,7 @@ void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
     check_contiguous(op, names[i], t);
   }
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  return bits;
 }
 
 // ---------------------------------------------------------------------------
@@ -322,9 +475,9 @@ void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
 // ---------------------------------------------------------------------------
 
 void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
-              const at::Tensor& slots) {
+              const at::Tensor& slots, const OptTensor& k_params, const OptTensor& v_params) {
   const char* op = "store_kv";
-  const int64_t num_slots = check_store_kv_args(k, v, k_cache, v_cache, slots);
+  const StoreArgs a = check_store_kv_args(k, v, k_cache, v_cache, slots, k_params, v_params);
   check_cpu(op, "k", k);
   const int64_t num_tokens = k.size(0);
   if (num_tokens == 0) return;
@@ -334,14 +487,28 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
     using slot_t = decltype(slot_tag);
     const slot_t* s = slots.data_ptr<slot_t>();
     for (int64_t t = 0; t < num_tokens; ++t) {
-      TORCH_CHECK(static_cast<int64_t>(s[t]) < num_slots, op, ": slots must be < num_slots=",
-                  num_slots, " (or negative: skip), got ", static_cast<int64_t>(s[t]));
+      TORCH_CHECK(static_cast<int64_t>(s[t]) < a.num_slots, op, ": slots must be < num_slots=",
+                  a.num_slots, " (or negative: skip), got ", static_cast<int64_t>(s[t]));
     }
     if (row_bytes == 0) return;
-    store_kv_impl<slot_t>(static_cast<const char*>(k.data_ptr()),
-                          static_cast<const char*>(v.data_ptr()), k.stride(0) * elem,
-                          v.stride(0) * elem, static_cast<char*>(k_cache.data_ptr()),
-                          static_cast<char*>(v_cache.data_ptr()), s, num_tokens, row_bytes);
+    if (a.bits == 0) {
+      store_kv_impl<slot_t>(static_cast<const char*>(k.data_ptr()),
+                            static_cast<const char*>(v.data_ptr()), k.stride(0) * elem,
+                            v.stride(0) * elem, static_cast<char*>(k_cache.data_ptr()),
+                            static_cast<char*>(v_cache.data_ptr()), s, num_tokens, row_bytes);
+      return;
+    }
+    const QuantCache cache{k_cache.data_ptr<uint8_t>(), v_cache.data_ptr<uint8_t>(),
+                           k_params->data_ptr<float>(), v_params->data_ptr<float>()};
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "store_kv", [&] {
+      const scalar_t* kp = k.data_ptr<scalar_t>();
+      const scalar_t* vp = v.data_ptr<scalar_t>();
+      if (a.bits == 8) {
+        store_kv_quant_impl<8>(kp, vp, k.stride(0), v.stride(0), cache, s, num_tokens, k.size(1), k.size(2));
+      } else {
+        store_kv_quant_impl<4>(kp, vp, k.stride(0), v.stride(0), cache, s, num_tokens, k.size(1), k.size(2));
+      }
+    });
   };
   if (slots.scalar_type() == at::kLong) {
     run(int64_t{});
@@ -352,9 +519,11 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables,
-                            const at::Tensor& context_lens, double scale) {
+                            const at::Tensor& context_lens, double scale, const OptTensor& k_params,
+                            const OptTensor& v_params) {
   const char* op = "decode_attention";
-  check_decode_attention_args(q, k_cache, v_cache, block_tables, context_lens, scale);
+  const int bits = check_decode_attention_args(q, k_cache, v_cache, block_tables, context_lens,
+                                               scale, k_params, v_params);
   check_cpu(op, "q", q);
   const int64_t batch = q.size(0), num_blocks = k_cache.size(0), block_size = k_cache.size(1);
   const int64_t max_blocks = block_tables.size(1);
@@ -378,9 +547,22 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
   const AttentionShape shape{batch,      q.size(1),  k_cache.size(2), q.size(1) / k_cache.size(2),
                              q.size(2),  block_size, max_blocks,      static_cast<float>(scale)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "decode_attention", [&] {
-    decode_attention_impl<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
-                                    v_cache.data_ptr<scalar_t>(), tables, lens,
-                                    out.data_ptr<scalar_t>(), shape);
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    if (bits == 0) {
+      decode_attention_impl<0>(qp, k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                               nullptr, nullptr, tables, lens, o, shape);
+      return;
+    }
+    const uint8_t* kc = k_cache.data_ptr<uint8_t>();
+    const uint8_t* vc = v_cache.data_ptr<uint8_t>();
+    const float* kp = k_params->data_ptr<float>();
+    const float* vp = v_params->data_ptr<float>();
+    if (bits == 8) {
+      decode_attention_impl<8>(qp, kc, vc, kp, vp, tables, lens, o, shape);
+    } else {
+      decode_attention_impl<4>(qp, kc, vc, kp, vp, tables, lens, o, shape);
+    }
   });
   return out;
 }
@@ -389,10 +571,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "minideploy CPU kernels: KV-cache writes and paged decode attention";
-  m.def("store_kv", &store_kv, "k_cache[slots] = k, v_cache[slots] = v; negative slots skipped (CPU)",
-        py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"));
+  m.def("store_kv", &store_kv,
+        "k_cache[slots] = k, v_cache[slots] = v (quantized per row when params are given); "
+        "negative slots skipped (CPU)",
+        py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"),
+        py::arg("k_params") = py::none(), py::arg("v_params") = py::none());
   m.def("decode_attention", &decode_attention,
-        "one query per sequence over its paged K/V, GQA, float32 softmax (CPU)", py::arg("q"),
-        py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"),
-        py::arg("scale"));
+        "one query per sequence over its paged K/V (float, int8 or int4), GQA, float32 softmax (CPU)",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
+        py::arg("context_lens"), py::arg("scale"), py::arg("k_params") = py::none(),
+        py::arg("v_params") = py::none());
 }

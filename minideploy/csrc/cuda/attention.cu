@@ -49,6 +49,15 @@
 //   Bad values cannot be reported without synchronising: a length outside
 //   [0, capacity] or a block id outside [0, num_blocks) makes that sequence's
 //   output NaN; nothing is read out of bounds.
+// Quantized caches (LMDeploy's quant_policy 8 / 4; reference.quantize_kv is the spec):
+//   store_kv(..., k_params, v_params): caches uint8 [..., head_dim] (int8) or [..., head_dim/2]
+//       (int4: element 2i in the low nibble), params float32 [..., num_kv_heads, 2] =
+//       (scale, zero) per token and head, x ~= code * scale + zero. One warp per row:
+//       min/max by shuffles, codes with the reference's float32 ops (IEEE division, ties
+//       to even), so they match it bit for bit.
+//   decode_attention(..., k_params, v_params): the partition kernel again, reading 8 codes
+//       per lane load and folding the dequantization into the sums (see its comment).
+//       K/V traffic is 1/2 (int8) or 1/4 (int4) of fp16's, plus 8 bytes of params per row.
 // Numerics: scores, softmax and sums in float32 (expf, IEEE division: the build
 // has no --use_fast_math); the output is rounded once to q's dtype.
 
@@ -66,6 +75,7 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 namespace {
 
@@ -484,6 +494,337 @@ decode_attention_reduce_kernel(const float* __restrict__ part_out,
 }
 
 // ---------------------------------------------------------------------------
+// Quantized caches (quant_policy 8 / 4): store
+// ---------------------------------------------------------------------------
+
+template <typename T> __device__ __forceinline__ float to_float(T x);
+template <> __device__ __forceinline__ float to_float(float x) { return x; }
+template <> __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Code of x for a row with minimum lo and step scale: the reference's float32 ops, IEEE
+// division (__fdiv_rn), round half to even (rintf), clamped; 0 when scale == 0.
+template <int Bits>
+__device__ __forceinline__ uint32_t quantize_value(float x, float lo, float scale) {
+  constexpr float qmax = static_cast<float>((1 << Bits) - 1);
+  if (!(scale > 0.0f)) return 0;
+  const float q = rintf(__fdiv_rn(__fsub_rn(x, lo), scale));
+  return static_cast<uint32_t>(fminf(fmaxf(q, 0.0f), qmax));
+}
+
+// One warp per (token, kv head, K or V) row: min and max over the row (shuffles), then the
+// codes (int8: a byte per lane step; int4: a byte = two elements) and (scale, zero).
+// Out-of-range slots are skipped, as in the float store.
+template <typename T, int Bits, typename slot_t>
+__global__ void __launch_bounds__(kStoreThreads)
+store_kv_quant_kernel(const T* __restrict__ k, const T* __restrict__ v, uint8_t* __restrict__ k_cache,
+                      uint8_t* __restrict__ v_cache, float2* __restrict__ k_params,
+                      float2* __restrict__ v_params, const slot_t* __restrict__ slots,
+                      int64_t num_tokens, int kv_heads, int head_dim, int64_t k_stride,
+                      int64_t v_stride, int64_t num_slots) {
+  constexpr float qmax = static_cast<float>((1 << Bits) - 1);
+  const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (warp >= 2 * num_tokens * kv_heads) return;  // whole warps leave together
+  const bool is_v = warp % 2;
+  const int64_t row = warp / 2, t = row / kv_heads;
+  const int h = static_cast<int>(row % kv_heads);
+  const int64_t slot = static_cast<int64_t>(slots[t]);
+  if (slot < 0 || slot >= num_slots) return;  // padding, or out of range (not checked)
+  const T* x = (is_v ? v + t * v_stride : k + t * k_stride) + static_cast<int64_t>(h) * head_dim;
+  float lo = CUDART_INF_F, hi = -CUDART_INF_F;
+  for (int i = lane; i < head_dim; i += kWarpSize) {
+    const float f = to_float(x[i]);
+    lo = fminf(lo, f);
+    hi = fmaxf(hi, f);
+  }
+  lo = -warp_max(-lo);
+  hi = warp_max(hi);
+  const float scale = __fdiv_rn(__fsub_rn(hi, lo), qmax);
+  const int64_t cache_row = slot * kv_heads + h;
+  uint8_t* codes = (is_v ? v_cache : k_cache) + cache_row * (head_dim * Bits / 8);
+  if constexpr (Bits == 8) {
+    for (int i = lane; i < head_dim; i += kWarpSize) {
+      codes[i] = static_cast<uint8_t>(quantize_value<8>(to_float(x[i]), lo, scale));
+    }
+  } else {
+    for (int i = lane; i < head_dim / 2; i += kWarpSize) {
+      const uint32_t c0 = quantize_value<4>(to_float(x[2 * i]), lo, scale);
+      const uint32_t c1 = quantize_value<4>(to_float(x[2 * i + 1]), lo, scale);
+      codes[i] = static_cast<uint8_t>(c0 | (c1 << 4));
+    }
+  }
+  if (lane == 0) (is_v ? v_params : k_params)[cache_row] = make_float2(scale, lo);
+}
+
+// ---------------------------------------------------------------------------
+// Quantized caches: decode attention
+// ---------------------------------------------------------------------------
+//
+// The same partition kernel as above (lane groups, U rows in flight, online softmax,
+// split-K with the same reduce kernel), reading codes: a lane loads 8 codes at a time
+// (int8: 8 bytes, int4: 4 bytes), so a lane holds 8 elements of q and of the output for
+// every head_dim (L = head_dim / 8 lanes a row). Dequantization is folded into the sums,
+// so the inner loops are one FMA per code as in the float kernel:
+//   q . (c * s + z)       = s * (q . c) + z * sum(q)           (sum(q) once per head)
+//   sum_t p_t (c_t s_t + z_t) = sum_t (p_t s_t) c_t + sum_t p_t z_t  (one scalar per head)
+// U (rows in flight per lane group) is the float kernel's: twice as many made the heads-
+// per-block 8 variant spill at 255 registers and doubled the build time. q's dtype is a
+// runtime argument (q and the output are touched once per block), which keeps the
+// instantiations to bits x L x heads per block (18), not x 3 dtypes.
+
+enum QDType : int { kQFloat = 0, kQHalf = 1, kQBFloat16 = 2 };
+
+__device__ __forceinline__ float load_q(const void* p, int64_t i, int dtype) {
+  if (dtype == kQHalf) return __half2float(static_cast<const __half*>(p)[i]);
+  if (dtype == kQBFloat16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  return static_cast<const float*>(p)[i];
+}
+
+__device__ __forceinline__ void store_out(void* p, int64_t i, float v, int dtype) {
+  if (dtype == kQHalf) {
+    store(static_cast<__half*>(p) + i, v);
+  } else if (dtype == kQBFloat16) {
+    store(static_cast<__nv_bfloat16*>(p) + i, v);
+  } else {
+    static_cast<float*>(p)[i] = v;
+  }
+}
+
+constexpr int kCodesPerLoad = 8;
+template <int Bits> struct CodePack;  // 8 codes: uint2 (int8) or uint32_t (int4)
+template <> struct CodePack<8> { using type = uint2; };
+template <> struct CodePack<4> { using type = uint32_t; };
+
+__device__ __forceinline__ void unpack_codes(const uint2& c, float (&f)[kCodesPerLoad]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[i] = static_cast<float>((c.x >> (8 * i)) & 0xFFu);
+    f[4 + i] = static_cast<float>((c.y >> (8 * i)) & 0xFFu);
+  }
+}
+
+// Little-endian: nibble i of the word is element i (byte j = elements 2j low, 2j+1 high).
+__device__ __forceinline__ void unpack_codes(uint32_t c, float (&f)[kCodesPerLoad]) {
+#pragma unroll
+  for (int i = 0; i < kCodesPerLoad; ++i) f[i] = static_cast<float>((c >> (4 * i)) & 0xFu);
+}
+
+template <int HPB> struct QuantRowsInFlight { static constexpr int value = HPB >= 8 ? 2 : HPB >= 4 ? 4 : 8; };
+
+template <int Bits, int L, int HPB>
+__global__ void __launch_bounds__(kThreads)
+decode_attention_quant_kernel(const void* __restrict__ q, const uint8_t* __restrict__ k_cache,
+                              const uint8_t* __restrict__ v_cache,
+                              const float2* __restrict__ k_params,
+                              const float2* __restrict__ v_params,
+                              const int* __restrict__ block_tables,
+                              const int* __restrict__ context_lens, void* __restrict__ out,
+                              float* __restrict__ part_out, float* __restrict__ part_max,
+                              float* __restrict__ part_sum, DecodeParams p, int dtype) {
+  using Pack = typename CodePack<Bits>::type;
+  constexpr int E = kCodesPerLoad;  // elements of a row per lane
+  constexpr int U = QuantRowsInFlight<HPB>::value;
+  constexpr int kRowsPerWarp = kWarpSize / L;
+  constexpr int kRowsPerStep = kWarps * kRowsPerWarp;
+  extern __shared__ float warp_acc[];  // [kWarps][HPB][head_dim]
+  __shared__ float warp_m[kWarps][HPB], warp_l[kWarps][HPB];
+
+  const int head_blocks = (p.group + HPB - 1) / HPB;
+  const int kvh = blockIdx.x / head_blocks;
+  const int first = (blockIdx.x % head_blocks) * HPB;
+  const int nh = min(HPB, p.group - first);
+  const int head0 = kvh * p.group + first;
+  const int b = blockIdx.y, part = blockIdx.z;
+  const int64_t out_offset = (static_cast<int64_t>(b) * p.num_heads + head0) * p.head_dim;
+
+  const int len = context_lens[b];
+  const int64_t capacity = static_cast<int64_t>(p.max_blocks) * p.block_size;
+  const bool bad_len = len < 0 || len > capacity;
+  const bool direct = bad_len || len <= kPartition || p.num_parts == 1;
+  if (direct && part > 0) return;
+  if (bad_len || len == 0) {
+    for (int i = threadIdx.x; i < nh * p.head_dim; i += blockDim.x) {
+      store_out(out, out_offset + i, bad_len ? CUDART_NAN_F : 0.0f, dtype);
+    }
+    return;
+  }
+  const int start = part * kPartition;
+  if (start >= len) return;
+  const int end = direct ? len : min(start + kPartition, len);
+
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int li = lane % L;
+  const int row_in_warp = lane / L;
+  const int packs = p.head_dim / kCodesPerLoad;  // <= L
+  const int64_t row_bytes = static_cast<int64_t>(p.head_dim) * Bits / 8;
+  const int* table = block_tables + static_cast<int64_t>(b) * p.max_blocks;
+
+  // Cache row (slot * kv_heads + kv head) of token t, or -1 for a bad block id.
+  auto row_index = [&](int t) -> int64_t {
+    const int block = table[t / p.block_size];
+    if (block < 0 || block >= p.num_blocks) return -1;
+    return (static_cast<int64_t>(block) * p.block_size + t % p.block_size) * p.kv_heads + kvh;
+  };
+
+  // This lane's 8 elements of each head's query, and sum(q) over the whole head.
+  float qf[HPB][E], qsum[HPB];
+#pragma unroll
+  for (int h = 0; h < HPB; ++h) {
+    qsum[h] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const bool in = h < nh && li < packs;
+      qf[h][e] = in ? load_q(q, out_offset + h * p.head_dim + li * E + e, dtype) : 0.0f;
+      qsum[h] += qf[h][e];
+    }
+#pragma unroll
+    for (int offset = L / 2; offset > 0; offset >>= 1) {
+      qsum[h] += __shfl_xor_sync(0xffffffffu, qsum[h], offset);
+    }
+  }
+
+  // acc: sum of (p s) c over this lane's elements; zacc: sum of p z (added to every element).
+  float m[HPB], l[HPB], acc[HPB][E], zacc[HPB];
+#pragma unroll
+  for (int h = 0; h < HPB; ++h) {
+    m[h] = -CUDART_INF_F;
+    l[h] = 0.0f;
+    zacc[h] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[h][e] = 0.0f;
+  }
+  bool bad_block = false;
+
+  for (int step = start + warp * kRowsPerWarp; step < end; step += kRowsPerStep * U) {
+    Pack kc[U], vc[U];
+    float2 kp[U], vp[U];
+    bool valid[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {  // issue every load first
+      const int t = step + row_in_warp + u * kRowsPerStep;
+      const int64_t row = t < end ? row_index(t) : -1;
+      valid[u] = row >= 0;
+      bad_block |= t < end && row < 0;
+      const bool load = valid[u] && li < packs;
+      kc[u] = load ? __ldg(reinterpret_cast<const Pack*>(k_cache + row * row_bytes) + li) : Pack{};
+      vc[u] = load ? __ldg(reinterpret_cast<const Pack*>(v_cache + row * row_bytes) + li) : Pack{};
+      kp[u] = valid[u] ? __ldg(k_params + row) : make_float2(0.0f, 0.0f);
+      vp[u] = valid[u] ? __ldg(v_params + row) : make_float2(0.0f, 0.0f);
+    }
+    float score[U][HPB];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float kf[E];
+      unpack_codes(kc[u], kf);
+#pragma unroll
+      for (int h = 0; h < HPB; ++h) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) dot = fmaf(qf[h][e], kf[e], dot);
+#pragma unroll
+        for (int offset = L / 2; offset > 0; offset >>= 1) {
+          dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+        }
+        score[u][h] = valid[u] ? fmaf(kp[u].x, dot, kp[u].y * qsum[h]) * p.scale : -CUDART_INF_F;
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < HPB; ++h) {
+      float new_m = m[h];
+#pragma unroll
+      for (int u = 0; u < U; ++u) new_m = fmaxf(new_m, score[u][h]);
+      const float alpha = rescale(m[h], new_m);
+      l[h] *= alpha;
+      zacc[h] *= alpha;
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[h][e] *= alpha;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        score[u][h] = rescale(score[u][h], new_m);  // now the weight of row u
+        l[h] += score[u][h];
+        zacc[h] = fmaf(score[u][h], vp[u].y, zacc[h]);
+      }
+      m[h] = new_m;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float vf[E];
+      unpack_codes(vc[u], vf);
+#pragma unroll
+      for (int h = 0; h < HPB; ++h) {
+        const float w = score[u][h] * vp[u].x;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[h][e] = fmaf(w, vf[e], acc[h][e]);
+      }
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < HPB; ++h) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[h][e] += zacc[h];
+    if (bad_block) l[h] = CUDART_NAN_F;
+  }
+
+  // From here on as the float kernel: merge row groups (shuffles), warps (shared memory).
+#pragma unroll
+  for (int offset = L; offset < kWarpSize; offset <<= 1) {
+#pragma unroll
+    for (int h = 0; h < HPB; ++h) {
+      const float m_other = __shfl_xor_sync(0xffffffffu, m[h], offset);
+      const float l_other = __shfl_xor_sync(0xffffffffu, l[h], offset);
+      const float new_m = fmaxf(m[h], m_other);
+      const float a = rescale(m[h], new_m), c = rescale(m_other, new_m);
+      l[h] = l[h] * a + l_other * c;
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const float acc_other = __shfl_xor_sync(0xffffffffu, acc[h][e], offset);
+        acc[h][e] = acc[h][e] * a + acc_other * c;
+      }
+      m[h] = new_m;
+    }
+  }
+  if (row_in_warp == 0) {
+#pragma unroll
+    for (int h = 0; h < HPB; ++h) {
+      if (li == 0) {
+        warp_m[warp][h] = m[h];
+        warp_l[warp][h] = l[h];
+      }
+      if (h < nh && li < packs) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) warp_acc[(warp * HPB + h) * p.head_dim + li * E + e] = acc[h][e];
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < nh * p.head_dim; i += kThreads) {
+    const int h = i / p.head_dim, d = i % p.head_dim;
+    float top = -CUDART_INF_F;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) top = fmaxf(top, warp_m[w][h]);
+    float sum = 0.0f, total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float weight = rescale(warp_m[w][h], top);
+      sum += warp_l[w][h] * weight;
+      total += warp_acc[(w * HPB + h) * p.head_dim + d] * weight;
+    }
+    const float value = total / sum;
+    if (direct) {
+      store_out(out, out_offset + i, value, dtype);
+    } else {
+      const int64_t row = (static_cast<int64_t>(b) * p.num_heads + head0 + h) * p.num_parts + part;
+      part_out[row * p.head_dim + d] = value;
+      if (d == 0) {
+        part_max[row] = top;
+        part_sum[row] = sum;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
 // Argument checks: every message names the op and the argument (as the reference's).
 // ---------------------------------------------------------------------------
 
@@ -545,9 +886,65 @@ void check_rows(const char* op, const char* arg, const at::Tensor& t) {
               shape_str(t.strides()));
 }
 
-// The checks shared with the CPU file; returns num_slots.
-int64_t check_store_kv_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
-                            const at::Tensor& v_cache, const at::Tensor& slots) {
+// The checks shared with the CPU file (the same text in both).
+using OptTensor = c10::optional<at::Tensor>;
+
+// The cache's dtype and last dim: 0 (a float cache in head's dtype), 8 or 4 (uint8 codes).
+int kv_cache_bits(const char* op, const char* head_arg, const at::Tensor& head,
+                  const at::Tensor& k_cache, const OptTensor& k_params, const OptTensor& v_params) {
+  TORCH_CHECK(k_params.has_value() == v_params.has_value(), op,
+              ": k_params and v_params must be given together (a quantized cache) or both left "
+              "out (a float cache)");
+  if (!k_params.has_value()) {
+    check_like(op, "k_cache", k_cache, head_arg, head);
+    return 0;
+  }
+  const int64_t head_dim = head.size(-1);
+  TORCH_CHECK(k_cache.scalar_type() == at::kByte, op,
+              ": k_cache must be uint8 for a quantized cache (k_params given), got ",
+              dtype_name(k_cache.scalar_type()));
+  TORCH_CHECK(k_cache.device() == head.device(), op, ": k_cache must be on ", head_arg,
+              "'s device ", head.device(), ", got ", k_cache.device());
+  const int64_t width = k_cache.dim() ? k_cache.size(-1) : -1;
+  TORCH_CHECK(!(head_dim % 2 && width != head_dim && (width == head_dim / 2 || width == head_dim / 2 + 1)),
+              op, ": ", head_arg, " must have an even head_dim for an int4 cache, got shape ",
+              shape_str(head));
+  const int bits = width == head_dim ? 8 : (head_dim % 2 == 0 && width == head_dim / 2) ? 4 : 0;
+  TORCH_CHECK(bits != 0, op, ": k_cache must have a last dim of head_dim=", head_dim,
+              " (int8) or head_dim/2=", head_dim / 2, " (int4) for a quantized cache, got shape ",
+              shape_str(k_cache));
+  return bits;
+}
+
+// (scale, zero) per cache row: float32 [*k_cache.shape[:-1], 2], contiguous.
+void check_kv_params(const char* op, const char* head_arg, const at::Tensor& head,
+                     const at::Tensor& k_cache, const at::Tensor& k_params,
+                     const at::Tensor& v_params) {
+  std::vector<int64_t> expect(k_cache.sizes().begin(), k_cache.sizes().end() - 1);
+  expect.push_back(2);
+  const at::Tensor* params[] = {&k_params, &v_params};
+  const char* names[] = {"k_params", "v_params"};
+  for (int i = 0; i < 2; ++i) {
+    const at::Tensor& t = *params[i];
+    TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", names[i], " must be float32, got ",
+                dtype_name(t.scalar_type()));
+    TORCH_CHECK(t.device() == head.device(), op, ": ", names[i], " must be on ", head_arg,
+                "'s device ", head.device(), ", got ", t.device());
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(expect), op, ": ", names[i], " must have shape ",
+                shape_str(expect), " (k_cache's leading dims, then scale and zero), got ",
+                shape_str(t));
+    check_contiguous(op, names[i], t);
+  }
+}
+
+struct StoreArgs {
+  int64_t num_slots;
+  int bits;  // 0: a float cache; 8 / 4: quantized
+};
+
+StoreArgs check_store_kv_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                              const at::Tensor& v_cache, const at::Tensor& slots,
+                              const OptTensor& k_params, const OptTensor& v_params) {
   const char* op = "store_kv";
   check_float(op, "k", k);
   TORCH_CHECK(k.dim() == 3, op, ": k must be 3-D [num_tokens, num_kv_heads, head_dim], got shape ",
@@ -557,15 +954,17 @@ int64_t check_store_kv_args(const at::Tensor& k, const at::Tensor& v, const at::
   TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have the shape of k ", shape_str(k), ", got ",
               shape_str(v));
   check_rows(op, "v", v);
-  check_like(op, "k_cache", k_cache, "k", k);
-  TORCH_CHECK(k_cache.dim() >= 3 && k_cache.size(-2) == k.size(1) && k_cache.size(-1) == k.size(2),
+  const int bits = kv_cache_bits(op, "k", k, k_cache, k_params, v_params);
+  const int64_t width = bits == 4 ? k.size(2) / 2 : k.size(2);
+  TORCH_CHECK(k_cache.dim() >= 3 && k_cache.size(-2) == k.size(1) && k_cache.size(-1) == width,
               op, ": k_cache must have shape [..., num_slots, num_kv_heads, head_dim]=[...,*,",
-              k.size(1), ",", k.size(2), "], got ", shape_str(k_cache));
+              k.size(1), ",", width, "], got ", shape_str(k_cache));
   check_contiguous(op, "k_cache", k_cache);
   check_like(op, "v_cache", v_cache, "k_cache", k_cache);
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have the shape of k_cache ",
               shape_str(k_cache), ", got ", shape_str(v_cache));
   check_contiguous(op, "v_cache", v_cache);
+  if (bits) check_kv_params(op, "k", k, k_cache, *k_params, *v_params);
   const auto slot_type = slots.scalar_type();
   TORCH_CHECK(slot_type == at::kLong || slot_type == at::kInt, op,
               ": slots must be int64 (or int32), got ", dtype_name(slot_type));
@@ -574,12 +973,14 @@ int64_t check_store_kv_args(const at::Tensor& k, const at::Tensor& v, const at::
   TORCH_CHECK(slots.dim() == 1 && slots.size(0) == k.size(0), op,
               ": slots must have shape [num_tokens]=[", k.size(0), "], got ", shape_str(slots));
   check_contiguous(op, "slots", slots);
-  return k_cache.numel() / std::max<int64_t>(1, k.size(1) * k.size(2));
+  return {k_cache.numel() / std::max<int64_t>(1, k.size(1) * width), bits};
 }
 
-void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
-                                 const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                 const at::Tensor& context_lens, double scale) {
+// Returns the cache's bits: 0 (float), 8 or 4.
+int check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
+                                const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                const at::Tensor& context_lens, double scale,
+                                const OptTensor& k_params, const OptTensor& v_params) {
   const char* op = "decode_attention";
   check_float(op, "q", q);
   TORCH_CHECK(q.dim() == 3, op, ": q must be 3-D [batch, num_heads, head_dim], got shape ",
@@ -589,10 +990,11 @@ void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
               ": q must have a head_dim that is a multiple of ", kHeadDimMultiple, " in [",
               kHeadDimMultiple, ", ", kMaxHeadDim, "], got shape ", shape_str(q));
   check_contiguous(op, "q", q);
-  check_like(op, "k_cache", k_cache, "q", q);
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(3) == head_dim, op,
+  const int bits = kv_cache_bits(op, "q", q, k_cache, k_params, v_params);
+  const int64_t width = bits == 4 ? head_dim / 2 : head_dim;
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(3) == width, op,
               ": k_cache must have shape [num_blocks, block_size, num_kv_heads, head_dim]=[*,*,*,",
-              head_dim, "], got ", shape_str(k_cache));
+              width, "], got ", shape_str(k_cache));
   TORCH_CHECK(k_cache.size(1) > 0 && k_cache.size(2) > 0, op,
               ": k_cache must have block_size > 0 and num_kv_heads > 0, got shape ",
               shape_str(k_cache));
@@ -603,6 +1005,7 @@ void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have the shape of k_cache ",
               shape_str(k_cache), ", got ", shape_str(v_cache));
   check_contiguous(op, "v_cache", v_cache);
+  if (bits) check_kv_params(op, "q", q, k_cache, *k_params, *v_params);
   const at::Tensor* metadata[] = {&block_tables, &context_lens};
   const char* names[] = {"block_tables", "context_lens"};
   const char* shapes[] = {"[batch, max_blocks]", "[batch]"};
@@ -617,6 +1020,7 @@ void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
     check_contiguous(op, names[i], t);
   }
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  return bits;
 }
 
 bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
@@ -642,10 +1046,66 @@ void launch_store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cac
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Quantized store: one warp per (token, kv head, K or V) row.
+template <typename T, int Bits, typename slot_t>
+void launch_store_kv_quant(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
+                           at::Tensor& v_cache, const at::Tensor& k_params, const at::Tensor& v_params,
+                           const at::Tensor& slots, int64_t num_slots, cudaStream_t stream) {
+  const int64_t rows = 2 * k.size(0) * k.size(1);
+  const int64_t blocks = (rows * kWarpSize + kStoreThreads - 1) / kStoreThreads;
+  store_kv_quant_kernel<T, Bits, slot_t><<<static_cast<unsigned>(blocks), kStoreThreads, 0, stream>>>(
+      reinterpret_cast<const T*>(k.data_ptr()), reinterpret_cast<const T*>(v.data_ptr()),
+      k_cache.data_ptr<uint8_t>(), v_cache.data_ptr<uint8_t>(),
+      reinterpret_cast<float2*>(k_params.data_ptr<float>()),
+      reinterpret_cast<float2*>(v_params.data_ptr<float>()), slots.data_ptr<slot_t>(), k.size(0),
+      static_cast<int>(k.size(1)), static_cast<int>(k.size(2)), k.stride(0), v.stride(0), num_slots);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void store_kv_quant(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
+                    at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& k_params,
+                    const at::Tensor& v_params, const StoreArgs& a) {
+  const char* op = "store_kv";
+  if (k.size(0) == 0 || k.size(1) * k.size(2) == 0) return;
+  TORCH_CHECK(aligned(k_params.data_ptr(), 8) && aligned(v_params.data_ptr(), 8), op,
+              ": k_params and v_params must start at 8-byte aligned addresses");
+  TORCH_CHECK(k.size(2) <= INT32_MAX && k.size(1) <= INT32_MAX &&
+                  2 * k.size(0) * k.size(1) * kWarpSize / kStoreThreads < INT32_MAX,
+              op, ": k has too many rows for one launch, got shape ", shape_str(k));
+  const c10::cuda::CUDAGuard guard(k.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto run = [&](auto* type_tag, auto slot_tag) {
+    using T = std::remove_pointer_t<decltype(type_tag)>;
+    using slot_t = decltype(slot_tag);
+    if (a.bits == 8) {
+      launch_store_kv_quant<T, 8, slot_t>(k, v, k_cache, v_cache, k_params, v_params, slots, a.num_slots, stream);
+    } else {
+      launch_store_kv_quant<T, 4, slot_t>(k, v, k_cache, v_cache, k_params, v_params, slots, a.num_slots, stream);
+    }
+  };
+  auto run_type = [&](auto slot_tag) {
+    switch (k.scalar_type()) {
+      case at::kFloat: run(static_cast<float*>(nullptr), slot_tag); break;
+      case at::kHalf: run(static_cast<__half*>(nullptr), slot_tag); break;
+      default: run(static_cast<__nv_bfloat16*>(nullptr), slot_tag); break;
+    }
+  };
+  if (slots.scalar_type() == at::kLong) {
+    run_type(int64_t{});
+  } else {
+    run_type(int32_t{});
+  }
+}
+
 void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
-              const at::Tensor& slots) {
-  const int64_t num_slots = check_store_kv_args(k, v, k_cache, v_cache, slots);
+              const at::Tensor& slots, const OptTensor& k_params, const OptTensor& v_params) {
+  const StoreArgs a = check_store_kv_args(k, v, k_cache, v_cache, slots, k_params, v_params);
   check_cuda("store_kv", "k", k);
+  if (a.bits) {
+    store_kv_quant(k, v, k_cache, v_cache, slots, *k_params, *v_params, a);
+    return;
+  }
+  const int64_t num_slots = a.num_slots;
   const int64_t elem = k.element_size();
   const int64_t row_bytes = k.size(1) * k.size(2) * elem;
   if (k.size(0) == 0 || row_bytes == 0) return;
@@ -738,15 +1198,67 @@ void launch_decode_rows(const at::Tensor& q, const at::Tensor& k_cache, const at
   }
 }
 
+// The pointers of a quantized decode launch (q and out of q's runtime dtype).
+struct QuantBuffers {
+  const void* q;
+  const uint8_t *k, *v;
+  const float2 *k_params, *v_params;
+  const int *tables, *lens;
+  void* out;
+  float *po, *pm, *ps;
+  int dtype;
+};
+
+template <int Bits, int L, int HPB>
+void launch_decode_quant(const QuantBuffers& d, const DecodeParams& p, int64_t batch,
+                         cudaStream_t stream) {
+  const int head_blocks = (p.group + HPB - 1) / HPB;
+  const dim3 grid(static_cast<unsigned>(p.kv_heads * head_blocks), static_cast<unsigned>(batch),
+                  static_cast<unsigned>(p.num_parts));
+  decode_attention_quant_kernel<Bits, L, HPB><<<grid, kThreads, shared_bytes(HPB, p.head_dim), stream>>>(
+      d.q, d.k, d.v, d.k_params, d.v_params, d.tables, d.lens, d.out, d.po, d.pm, d.ps, p, d.dtype);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Heads per block from the group size (1, else 4, else 8), lanes per row from head_dim / 8.
+template <int Bits, int L>
+void launch_decode_quant_heads(const QuantBuffers& d, const DecodeParams& p, int64_t batch,
+                               cudaStream_t stream) {
+  if (p.group == 1) {
+    launch_decode_quant<Bits, L, 1>(d, p, batch, stream);
+  } else if (p.group <= 4 || shared_bytes(8, p.head_dim) > kMaxSharedBytes) {
+    launch_decode_quant<Bits, L, 4>(d, p, batch, stream);
+  } else {
+    launch_decode_quant<Bits, L, 8>(d, p, batch, stream);
+  }
+}
+
+template <int Bits>
+void launch_decode_quant_rows(const QuantBuffers& d, const DecodeParams& p, int64_t batch,
+                              cudaStream_t stream) {
+  const int packs = p.head_dim / kCodesPerLoad;
+  if (packs <= 8) {
+    launch_decode_quant_heads<Bits, 8>(d, p, batch, stream);
+  } else if (packs <= 16) {
+    launch_decode_quant_heads<Bits, 16>(d, p, batch, stream);
+  } else {
+    launch_decode_quant_heads<Bits, 32>(d, p, batch, stream);
+  }
+}
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables,
-                            const at::Tensor& context_lens, double scale) {
+                            const at::Tensor& context_lens, double scale, const OptTensor& k_params,
+                            const OptTensor& v_params) {
   const char* op = "decode_attention";
-  check_decode_attention_args(q, k_cache, v_cache, block_tables, context_lens, scale);
+  const int bits = check_decode_attention_args(q, k_cache, v_cache, block_tables, context_lens,
+                                               scale, k_params, v_params);
   check_cuda(op, "q", q);
   TORCH_CHECK(aligned(q.data_ptr(), 16) && aligned(k_cache.data_ptr(), 16) &&
                   aligned(v_cache.data_ptr(), 16),
               op, ": q, k_cache and v_cache must start at 16-byte aligned addresses");
+  TORCH_CHECK(!bits || (aligned(k_params->data_ptr(), 8) && aligned(v_params->data_ptr(), 8)), op,
+              ": k_params and v_params must start at 8-byte aligned addresses");
   const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t kv_heads = k_cache.size(2), block_size = k_cache.size(1);
   const int64_t max_blocks = block_tables.size(1);
@@ -787,16 +1299,31 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
     pm = part_stats[0].data_ptr<float>();
     ps = part_stats[1].data_ptr<float>();
   }
-  switch (q.scalar_type()) {
-    case at::kFloat:
-      launch_decode_rows<float>(q, k_cache, v_cache, block_tables, context_lens, out, po, pm, ps, p, stream);
-      break;
-    case at::kHalf:
-      launch_decode_rows<__half>(q, k_cache, v_cache, block_tables, context_lens, out, po, pm, ps, p, stream);
-      break;
-    default:
-      launch_decode_rows<__nv_bfloat16>(q, k_cache, v_cache, block_tables, context_lens, out, po, pm, ps, p, stream);
-      break;
+  if (bits) {
+    const int dtype = q.scalar_type() == at::kHalf ? kQHalf
+                      : q.scalar_type() == at::kBFloat16 ? kQBFloat16 : kQFloat;
+    const QuantBuffers d{q.data_ptr(), k_cache.data_ptr<uint8_t>(), v_cache.data_ptr<uint8_t>(),
+                         reinterpret_cast<const float2*>(k_params->data_ptr<float>()),
+                         reinterpret_cast<const float2*>(v_params->data_ptr<float>()),
+                         block_tables.data_ptr<int>(), context_lens.data_ptr<int>(), out.data_ptr(),
+                         po, pm, ps, dtype};
+    if (bits == 8) {
+      launch_decode_quant_rows<8>(d, p, batch, stream);
+    } else {
+      launch_decode_quant_rows<4>(d, p, batch, stream);
+    }
+  } else {
+    switch (q.scalar_type()) {
+      case at::kFloat:
+        launch_decode_rows<float>(q, k_cache, v_cache, block_tables, context_lens, out, po, pm, ps, p, stream);
+        break;
+      case at::kHalf:
+        launch_decode_rows<__half>(q, k_cache, v_cache, block_tables, context_lens, out, po, pm, ps, p, stream);
+        break;
+      default:
+        launch_decode_rows<__nv_bfloat16>(q, k_cache, v_cache, block_tables, context_lens, out, po, pm, ps, p, stream);
+        break;
+    }
   }
   if (num_parts > 1) {
     const dim3 grid(static_cast<unsigned>(num_heads), static_cast<unsigned>(batch));
@@ -821,10 +1348,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "minideploy CUDA kernels: KV-cache writes and paged decode attention";
-  m.def("store_kv", &store_kv, "k_cache[slots] = k, v_cache[slots] = v; negative slots skipped (CUDA)",
-        py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"));
+  m.def("store_kv", &store_kv,
+        "k_cache[slots] = k, v_cache[slots] = v (quantized per row when params are given); "
+        "negative slots skipped (CUDA)",
+        py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"),
+        py::arg("k_params") = py::none(), py::arg("v_params") = py::none());
   m.def("decode_attention", &decode_attention,
-        "one query per sequence over its paged K/V, GQA, float32 softmax, split-K (CUDA)",
+        "one query per sequence over its paged K/V (float, int8 or int4), GQA, float32 softmax, "
+        "split-K (CUDA)",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
-        py::arg("context_lens"), py::arg("scale"));
+        py::arg("context_lens"), py::arg("scale"), py::arg("k_params") = py::none(),
+        py::arg("v_params") = py::none());
 }
