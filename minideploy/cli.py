@@ -63,6 +63,7 @@ def cmd_chat(args) -> int:
             break
         if turn == "end":
             history = []
+            pipe.end_session(0)
             print("(session reset)", file=sys.stderr)
             continue
         if not turn:
@@ -71,7 +72,7 @@ def cmd_chat(args) -> int:
         try:
             reply = ""
             print("assistant> ", end="", flush=True)
-            for chunk in pipe.stream_infer(messages, config):
+            for chunk in pipe.chat(messages, config, session_id=0):  # prefills only the new turn
                 print(chunk.text, end="", flush=True)
                 reply += chunk.text
         except ValueError as err:  # e.g. the conversation no longer fits session_len

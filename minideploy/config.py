@@ -161,6 +161,8 @@ class EngineConfig:
     cache_block_seq_len: tokens per KV block.
     quant_policy: KV-cache quantization, 0 (none), 8 (int8) or 4 (int4).
     tp: tensor-parallel degree (number of devices or processes).
+    max_prefill_token_num: new prompt tokens one prefill step may compute (a longer
+        prompt runs alone).
     """
 
     dtype: str = "auto"
@@ -171,6 +173,7 @@ class EngineConfig:
     cache_block_seq_len: int = 64
     quant_policy: int = 0
     tp: int = 1
+    max_prefill_token_num: int = 8192
 
     QUANT_POLICIES = (0, 4, 8)
 
@@ -195,6 +198,8 @@ class EngineConfig:
                              f"(none, int4 KV, int8 KV), got {self.quant_policy!r}")
         if self.tp < 1:
             raise ValueError(f"EngineConfig.tp must be >= 1, got {self.tp}")
+        if self.max_prefill_token_num < 1:
+            raise ValueError(f"EngineConfig.max_prefill_token_num must be >= 1, got {self.max_prefill_token_num}")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

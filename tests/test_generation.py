@@ -15,7 +15,7 @@ from minideploy.engine.sampling import SamplingState, filter_top_k_top_p, sample
 
 @pytest.fixture(scope="module")
 def pipe():
-    return md.pipeline()
+    return md.pipeline(backend_config=md.EngineConfig(cache_max_entry_count=256, cache_block_seq_len=32))
 
 
 def states(*configs, stop=()):
@@ -133,9 +133,9 @@ def test_bad_prompts_give_clear_errors(pipe):
     with pytest.raises(TypeError, match="role"):
         pipe([[{"text": "hi"}]])
     with pytest.raises(ValueError, match="session_len"):
-        pipe.generator.new_sequence(0, [1] * pipe.session_len, md.GenerationConfig())
+        pipe.engine.add_request([1] * pipe.session_len, md.GenerationConfig())
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        pipe.generator.new_sequence(0, [1, 10**6], md.GenerationConfig())
+        pipe.engine.add_request([1, 10**6], md.GenerationConfig())
 
 
 def test_turbomind_facade_streams_token_ids(pipe):

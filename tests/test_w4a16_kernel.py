@@ -102,22 +102,35 @@ def cuda_only(test):
     return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
+GEMV_VERSIONS = [1, 2]  # the CUDA kernel's versions (csrc/cuda/w4a16.cu); 2 is the default
+
+
 @cuda_only
-@pytest.mark.parametrize("n,k,group", LONG_SHAPES)
+@pytest.mark.parametrize("n,k,group", LONG_SHAPES + [(4500, 4096, 128)])  # and an N of 2 waves
 @pytest.mark.parametrize("tokens", [t for t in TOKENS if t <= kernels.W4A16_GEMV_MAX_TOKENS])
 def test_cuda_gemv_long_shapes_match_reference(tokens, n, k, group):
     ext = compiled("cuda")
     for dtype in dtypes_for("cuda"):
         qweight, scales, zeros = random_weight(n, k, group, dtype, "cuda", seed=n + k + tokens)
         x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tokens)).to(dtype).cuda()
-        out = ext.gemv(x, qweight, scales, zeros)
-        assert_matches(out, x, qweight, scales, zeros)
-        assert torch.equal(kernels.w4a16_linear(x, qweight, scales, zeros), out)
+        for version in GEMV_VERSIONS:
+            out = ext.gemv(x, qweight, scales, zeros, version)
+            assert_matches(out, x, qweight, scales, zeros)
+        assert torch.equal(kernels.w4a16_linear(x, qweight, scales, zeros), ext.gemv(x, qweight, scales, zeros))
 
 
 @cuda_only
+def test_cuda_gemv_rejects_unknown_versions():
+    qweight, scales, zeros = random_weight(8, 128, 128, torch.float16, "cuda")
+    x = torch.randn(1, 128, dtype=torch.float16, device="cuda")
+    with pytest.raises(RuntimeError, match="version must be 1 or 2, got 3"):
+        compiled("cuda").gemv(x, qweight, scales, zeros, 3)
+
+
+@cuda_only
+@pytest.mark.parametrize("version", GEMV_VERSIONS)
 @pytest.mark.parametrize("group", [32, 128])
-def test_cuda_gemv_extreme_nibbles_and_infinities(group):
+def test_cuda_gemv_extreme_nibbles_and_infinities(group, version):
     """Every q/z extreme; then x with infinities (one in the last k, in the partial last
     k-step where K is no multiple of 128): inf and NaN where the reference has them,
     the other outputs within tolerance."""
@@ -129,12 +142,12 @@ def test_cuda_gemv_extreme_nibbles_and_infinities(group):
             scales = torch.full((n, k // group), 0.25, dtype=dtype, device="cuda")
             zeros = torch.full((n, k // group), float(z_value), dtype=dtype, device="cuda")
             x = torch.randn(3, k, generator=torch.Generator().manual_seed(q_value)).to(dtype).cuda()
-            assert_matches(ext.gemv(x, qweight, scales, zeros), x, qweight, scales, zeros)
+            assert_matches(ext.gemv(x, qweight, scales, zeros, version), x, qweight, scales, zeros)
         for rows, width, g in ((20, 4 * group, group), (20, 448, 64), (9, 6176, 32)):
             qweight, scales, zeros = random_weight(rows, width, g, dtype, "cuda", seed=width)
             x = torch.randn(3, width, generator=torch.Generator().manual_seed(width)).to(dtype)
             x[0, -1], x[1, 5] = float("inf"), float("-inf")
-            out = ext.gemv(x.cuda(), qweight, scales, zeros).cpu()
+            out = ext.gemv(x.cuda(), qweight, scales, zeros, version).cpu()
             ref = reference_linear(x, qweight, scales, zeros).to(dtype)
             assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
             assert torch.equal(out[out.isinf()], ref[ref.isinf()])

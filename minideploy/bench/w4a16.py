@@ -11,6 +11,11 @@ bytes cost at the measured bandwidth (the unpacking hides under the loads);
 at large batch the same weight is reused by many tokens, the matmul becomes
 compute-bound, and the dequantization pass is pure extra time.
 
+At 1 and 16 tokens `cublas_fp16_graph` and `w4a16_graph` time the same calls
+replayed from a CUDA graph, one call per weight copy back to back, as a decode
+step runs them: each call's share of the GPU time without the launch and event
+gap that a single timed call carries (an empty kernel times ~4 µs on an H100).
+
 Weights rotate through copies that overflow L2, as inside a model. Bytes of a
 W4A16 call: N·K/2 packed weights + 2·N·K/g·2 scales and zeros + activations.
 Writes figures/w4a16_<device>.json and .png. On a CPU: shapes / 8, float32.
@@ -32,6 +37,8 @@ from .roofline import CPU_SCALE, SHAPES_7B
 from .timing import Rotating, describe, time_fn
 
 CUDA_BATCHES = "1,2,4,8,16,32,64,128,256"
+# The model runs gate and up as one fused projection (silu_and_mul splits its output).
+SHAPES = SHAPES_7B + [("gate+up", 4096, 22016)]
 CPU_BATCHES = "1,2,4,8,16"
 
 
@@ -55,6 +62,21 @@ def int4pack_operands(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 def int4pack_mm(x: torch.Tensor, operands: tuple[torch.Tensor, torch.Tensor], group: int) -> torch.Tensor:
     weight, scale_offset = operands
     return torch._weight_int4pack_mm(x, weight, group, scale_offset)
+
+
+def time_graph(fn, calls: int, device: torch.device, repeats: int) -> list[float]:
+    """Seconds per call of `fn` when `calls` of them replay back to back from one CUDA graph."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up off the capture: workspaces, kernel selection
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return [t / calls for t in time_fn(graph.replay, warmup=2, repeats=repeats, device=device)]
 
 
 def bench_shape(label, k, n, group, batches, dtype, device, repeats) -> list[dict]:
@@ -92,8 +114,16 @@ def bench_shape(label, k, n, group, batches, dtype, device, repeats) -> list[dic
             tiny_err = (int4pack_mm(xb, tinygemm.sets[0], group).float()
                         - F.linear(x.float(), reference.float())).abs().max().item()
             runs["torch_int4pack"] = (lambda: int4pack_mm(xb, tinygemm.next(), group), packed_bytes)
-        for method, (fn, weight_bytes) in runs.items():
-            seconds = time_fn(fn, warmup=3, repeats=repeats, device=device)
+        graphed = {}
+        if cuda and m in (1, kernels.W4A16_GEMV_MAX_TOKENS):
+            graphed = {"cublas_fp16_graph": (runs["cublas_fp16"], len(dense)),
+                       "w4a16_graph": (runs["w4a16"], len(w4))}
+        for method, (fn, weight_bytes) in list(runs.items()) + [
+                (name, run) for name, (run, _) in graphed.items()]:
+            if method in graphed:
+                seconds = time_graph(fn, graphed[method][1], device, repeats)
+            else:
+                seconds = time_fn(fn, warmup=3, repeats=repeats, device=device)
             median = statistics.median(seconds)
             nbytes = weight_bytes + (m * k + m * n) * act
             points.append({"shape": label, "k": k, "n": n, "group_size": group, "batch": m, "method": method,
@@ -166,14 +196,15 @@ def main(argv=None) -> dict:
         print(f"CPU run: Llama-2-7B shapes / {CPU_SCALE}, float32 activations.")
     bandwidth = measure_bandwidth(device)
     points = []
-    for label, k, n in SHAPES_7B:
+    for label, k, n in SHAPES:
         points += bench_shape(f"{label} {k // scale}→{n // scale}", k // scale, n // scale, args.group_size,
                               batches, dtype, device, args.repeats or (20 if cuda else 7))
     baseline = "cublas_fp16" if cuda else "dense"
     for p in points:
         p["fraction_of_read_bandwidth"] = p["bytes_per_s"] / bandwidth["read_bytes_per_s"]
+        base_method = baseline + "_graph" if p["method"].endswith("_graph") else baseline
         base = next(b for b in points if b["shape"] == p["shape"] and b["batch"] == p["batch"]
-                    and b["method"] == baseline)
+                    and b["method"] == base_method)
         p["speedup_vs_baseline"] = base["stats"]["median"] / p["stats"]["median"]
     result = {"dtype": str(dtype).removeprefix("torch."), "group_size": args.group_size, "batches": batches,
               "small_shapes": not cuda, "baseline": baseline, "bandwidth": bandwidth, "points": points}

@@ -12,7 +12,8 @@ Every step is either a prefill step or a decode step (as in nano-vllm):
   blocks are freed (full ones stay Cached, so its prefix often comes back for
   free) and it goes back to the front of the queue.
 
-Finished sequences release their blocks at once (`finish`).
+Finished sequences release their blocks at once (`finish`); a session's turn
+keeps them (`park`) and its next turn is admitted by growing its blocks.
 """
 from __future__ import annotations
 
@@ -75,10 +76,16 @@ class Scheduler:
             seq = self.waiting[0]
             if admitted and tokens + seq.num_tokens > self.max_prefill_tokens:
                 break
-            if not self.manager.can_allocate(seq.token_ids):
-                break
-            self.waiting.popleft()
-            seq.num_computed = self.manager.allocate(seq.seq_id, seq.token_ids)
+            if seq.seq_id in self.manager.allocations:  # a session's next turn: its blocks are kept
+                if not self.manager.can_append(seq.seq_id, seq.num_tokens):
+                    break
+                self.waiting.popleft()
+                self.manager.append(seq.seq_id, seq.num_tokens)
+            else:
+                if not self.manager.can_allocate(seq.token_ids):
+                    break
+                self.waiting.popleft()
+                seq.num_computed = self.manager.allocate(seq.seq_id, seq.token_ids)
             seq.status = Status.RUNNING
             self.running.append(seq)
             admitted.append(seq)
@@ -113,6 +120,11 @@ class Scheduler:
         for seq in batch.seqs:
             seq.num_computed = seq.num_tokens
             self.manager.commit(seq.seq_id, seq.token_ids)
+
+    def park(self, seq: Sequence, reason: str) -> None:
+        """A session's turn is done: it leaves the batch but keeps its blocks for the next turn."""
+        self.running.remove(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Done (stop, length or abort): its blocks go back (full ones as Cached)."""

@@ -22,6 +22,8 @@ class Sequence:
     num_computed: int = 0         # leading tokens whose K/V are in the cache
     finish_reason: Optional[str] = None  # "stop" | "length" | "abort"
     payload: Any = None           # the engine's per-request state (sampling, detokenizer)
+    session_id: Optional[int] = None  # interactive mode: the sequence outlives its turn
+    last_active: float = 0.0      # time.monotonic() of the end of its last turn
 
     @property
     def num_tokens(self) -> int:

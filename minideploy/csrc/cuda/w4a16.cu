@@ -26,8 +26,9 @@
 //    int-to-float conversion. bf16 has 7 mantissa bits: 0x4300|q is 128 + q
 //    the same way. Subtracting (1024 + z) (resp. 128 + z) is exact and leaves
 //    the small integer q - z; one multiply by the scale rounds once, as the
-//    reference's float32 (q - z) * s cast to the dtype does, so the kernel
-//    multiplies by bit for bit the W that dequantize() returns.
+//    reference's float32 (q - z) * s cast to the dtype does, so version 1
+//    multiplies by bit for bit the W that dequantize() returns (version 2
+//    scales in float32 after the product where it can: no rounding of W).
 // 2. Tensor cores for the products. The dequantized pair is already an f16x2
 //    (bf16x2) register, the operand format of mma.sync.m16n8k16: one
 //    instruction multiplies a 16 x 16 tile of W by a 16 x 8 tile of x^T with
@@ -62,6 +63,24 @@
 //    from L1/L2: at M = 1 that is a quarter of the weight bytes, at M = 16
 //    four times them; that and the doubled mma count make 16 tokens slower
 //    than 1, but far faster than dequantizing W and calling the matmul.
+//
+// Versions (gemv's `version` argument; 2, the default, is what the dispatch runs):
+//   1. the design above.
+//   2. the same fragments, work split and loads with fewer instructions per
+//      weight (scales applied after the mma for groups of a multiple of 128;
+//      float16 unpacks with one shift a word), and 4 k-steps in flight when the
+//      whole grid is resident (see its comment).
+// Measured on an H100 (figures/w4a16_h100.json; read bandwidth 3.04 TB/s, weights
+// rotated past L2, one call timed by CUDA events), version 2 at 1 token: 35% of
+// the read bandwidth (4096 -> 4096), 54% (4096 -> 11008, 11008 -> 4096), 58%
+// (4096 -> 12288), 68% (4096 -> 22016); 2.2-3.0x cuBLAS fp16, 1.1-1.2x
+// torch._weight_int4pack_mm. Version 1 measured within 1-4% of that: cutting
+// instructions changed nothing, so neither version is issue-bound. What is
+// left is a fixed cost per call: an empty kernel timed the same way takes
+// 3.8 us, and a 4096 x 4096 int4 weight streams in 2.9 us. Calls replayed
+// back to back from a CUDA graph (as in decode) reach 49% / 63% / 62% / 66% /
+// 72%, 2.7-3.8x cuBLAS replayed the same way. At 16 tokens, 27-40% (1.6-1.8x
+// cuBLAS): every block reads all of x from L2, 4x the bytes of its weights.
 //
 // Fragment layout (PTX ISA, mma.m16n8k16 with .f16/.bf16 inputs), lane =
 // 4 * gid + tid: A (16 x 16, row-major) registers a0 = A[gid][2tid, 2tid+1],
@@ -364,6 +383,224 @@ __global__ void __launch_bounds__(kWarps* kWarpSize, kMinBlocks[kTokenTiles])
   }
 }
 
+// Version 2: version 1's fragments, work split and loads (the kernel above, line
+// for line where nothing is said), fewer instructions per weight, and as many
+// k-steps in flight as the grid's size suits.
+// (a) Groups of a multiple of 128 (kScaleAfter): a k-step (128 k) lies in one
+//     group, so every mma multiplies exact integers q - z (no scale) by x and
+//     the scale is applied to the step's float32 tile afterwards, 4 FFMAs per
+//     lane a step instead of 32 HMUL2s. The products are exact, the float32
+//     sums round as cuBLAS's do: the result is at least as accurate as the
+//     dequantized W (which rounds every (q - z) * s to 16 bits).
+// (b) float16: pairs 1 and 3 of a word need no shift: (w & 0x00F000F0) |
+//     0x64006400 is 1024 + 16q, exact, and one HFMA2 by 1/16 minus (64 + z)
+//     gives q - z exactly; pairs 2 and 3 come from w >> 8 the same way. One
+//     shift a word instead of three. bf16's 7 mantissa bits hold no nibble at
+//     bits 4..7: it keeps the shifts.
+// (c) kSteps k-steps of loads per round (version 1: 2). When the whole grid is
+//     resident at once (N = 4096: 256 blocks on 132 SMs) a warp has only 4
+//     k-steps of K = 4096: issuing all 4 at once saved 4% (4096 -> 4096) to 7%
+//     (11008 -> 4096) in float16 on an H100; with several waves of blocks 2 steps
+//     and 3 blocks an SM stay best. At 9..16 tokens one step (3 blocks an SM)
+//     beat two by ~3%.
+// Measured: (a) and (b) take 32 HMUL2s and (float16) 16 shifts out of a lane's
+// k-step (~170 instructions before them, counted from the source) and change the
+// time by under 2%: the GEMV is not issue-bound. Nor does depth help
+// beyond (c): a ring that kept 2..6 k-steps in flight per warp at every moment
+// (loads of step i + depth issued before step i's math) needed more registers,
+// hence fewer warps, and ran 10-50% slower on every Llama shape.
+template <typename T>
+struct ZeroBias {  // what dequant_word subtracts, per row, for one k-step
+  typename W4<T>::T2 z1024;  // (magic + z) for pairs 0 and 2
+  typename W4<T>::T2 z64;    // -(64 + z) for pairs 1 and 3 (float16 only)
+};
+
+template <typename T>
+__device__ __forceinline__ ZeroBias<T> zero_bias(uint16_t zero_bits) {
+  ZeroBias<T> b;
+  b.z1024 = biased_zero<T>(zero_bits);
+  if constexpr (std::is_same_v<T, __half>) {
+    b.z64 = __hneg2(__hadd2(broadcast<T>(zero_bits), __float2half2_rn(64.0f)));
+  } else {
+    b.z64 = b.z1024;
+  }
+  return b;
+}
+
+// The 4 pairs of word w as (q - z) T2s (times scale unless kScaleAfter): d[s] holds
+// k = 8j + 2s and 8j + 2s + 1.
+template <typename T, bool kScaleAfter>
+__device__ __forceinline__ void dequant_word(uint32_t w, const ZeroBias<T>& zb,
+                                             typename W4<T>::T2 scale, uint32_t (&d)[4]) {
+  using T2 = typename W4<T>::T2;
+  T2 v[4];
+  if constexpr (std::is_same_v<T, __half>) {
+    const uint32_t w8 = w >> 8;
+    const T2 sixteenth = __float2half2_rn(1.0f / 16.0f);
+    uint32_t b;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(b) : "r"(w), "n"(0x000F000Fu), "n"(W4<T>::kMagic));
+    v[0] = __hsub2(bits_as<T2>(b), zb.z1024);
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(b) : "r"(w), "n"(0x00F000F0u), "n"(W4<T>::kMagic));
+    v[1] = __hfma2(bits_as<T2>(b), sixteenth, zb.z64);
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(b) : "r"(w8), "n"(0x000F000Fu), "n"(W4<T>::kMagic));
+    v[2] = __hsub2(bits_as<T2>(b), zb.z1024);
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(b) : "r"(w8), "n"(0x00F000F0u), "n"(W4<T>::kMagic));
+    v[3] = __hfma2(bits_as<T2>(b), sixteenth, zb.z64);
+  } else {
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      uint32_t b;
+      asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(b) : "r"(w >> (4 * s)), "n"(0x000F000Fu),
+          "n"(W4<T>::kMagic));
+      v[s] = __hsub2(bits_as<T2>(b), zb.z1024);
+    }
+  }
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    if constexpr (!kScaleAfter) v[s] = __hmul2(v[s], scale);
+    d[s] = bits_as<uint32_t>(v[s]);
+  }
+}
+
+__device__ __forceinline__ float to_float(uint16_t bits, const __half*) {
+  return __half2float(bits_as<__half>(bits));
+}
+__device__ __forceinline__ float to_float(uint16_t bits, const __nv_bfloat16*) {
+  return __bfloat162float(bits_as<__nv_bfloat16>(bits));
+}
+
+template <typename T, int kTokenTiles, int kSteps, bool kScaleAfter, int kMinB>
+__global__ void __launch_bounds__(kWarps* kWarpSize, kMinB)
+    w4a16_gemv_v2_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
+                         const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
+                         T* __restrict__ out, int m_size, int n_size, int k_size, int groups,
+                         uint64_t group_magic) {
+  using T2 = typename W4<T>::T2;
+  constexpr int kStride = kWarps * kStepChunks;
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int gid = lane / 4, tid = lane % 4;
+  const int row0 = blockIdx.x * kTileRows;
+  const int chunks = k_size / kChunk;
+
+  bool row_ok[2];
+  unsigned w_row[2], sz_row[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + gid + 8 * r;
+    row_ok[r] = row < n_size;
+    w_row[r] = static_cast<unsigned>(min(row, n_size - 1)) * chunks;
+    sz_row[r] = static_cast<unsigned>(min(row, n_size - 1)) * groups;
+  }
+  unsigned x_row[kTokenTiles];
+#pragma unroll
+  for (int tt = 0; tt < kTokenTiles; ++tt) {
+    const int token = gid + kTileTokens * tt;
+    x_row[tt] = static_cast<unsigned>(token < m_size ? token : 0) * (k_size / 8);
+  }
+  const uint4* x4 = reinterpret_cast<const uint4*>(x);
+
+  float acc[kTokenTiles][4];
+#pragma unroll
+  for (int tt = 0; tt < kTokenTiles; ++tt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[tt][i] = 0.0f;
+
+  for (int c0 = warp * kStepChunks + tid; c0 - tid < chunks; c0 += kSteps * kStride) {
+    uint4 wq[kSteps][2], xq[kSteps][kTokenTiles][4];
+    uint16_t sb[kSteps][2], zb[kSteps][2];
+#pragma unroll
+    for (int f = 0; f < kSteps; ++f) {
+      const bool in_k = c0 + f * kStride < chunks;
+      const unsigned c = min(c0 + f * kStride, chunks - 1);
+      const unsigned group = divide(c, group_magic);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        wq[f][r] = load_streaming(qweight + (w_row[r] + c));
+        const uint16_t s = __ldg(scales + (sz_row[r] + group));
+        // Scaled after the mma, a lane's scale multiplies its whole quad's k-step:
+        // only rows past N get 0 (x = 0 past K zeroes those products instead).
+        sb[f][r] = (kScaleAfter || in_k) && row_ok[r] ? s : 0;
+        zb[f][r] = __ldg(zeros + (sz_row[r] + group));
+      }
+#pragma unroll
+      for (int tt = 0; tt < kTokenTiles; ++tt) {
+        const uint4* xp = x4 + (x_row[tt] + 4 * c);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          xq[f][tt][i] = make_uint4(0u, 0u, 0u, 0u);
+          if (in_k) xq[f][tt][i] = __ldg(xp + i);
+        }
+      }
+    }
+#pragma unroll
+    for (int f = 0; f < kSteps; ++f) {
+      T2 scale[2];
+      ZeroBias<T> zero[2];
+      uint32_t d[2][4][4];  // [row][word][pair]
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        scale[r] = broadcast<T>(sb[f][r]);
+        zero[r] = zero_bias<T>(zb[f][r]);
+        dequant_word<T, kScaleAfter>(wq[f][r].x, zero[r], scale[r], d[r][0]);
+        dequant_word<T, kScaleAfter>(wq[f][r].y, zero[r], scale[r], d[r][1]);
+        dequant_word<T, kScaleAfter>(wq[f][r].z, zero[r], scale[r], d[r][2]);
+        dequant_word<T, kScaleAfter>(wq[f][r].w, zero[r], scale[r], d[r][3]);
+      }
+      float step[kTokenTiles][4];
+#pragma unroll
+      for (int tt = 0; tt < kTokenTiles; ++tt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) step[tt][i] = kScaleAfter ? 0.0f : acc[tt][i];
+#pragma unroll
+      for (int j = 0; j < kMmasPerStep; ++j) {  // slots as in version 1
+        const int word = j / 2, pair = 2 * (j % 2);
+        const uint32_t a[4] = {d[0][word][pair], d[1][word][pair], d[0][word][pair + 1],
+                               d[1][word][pair + 1]};
+#pragma unroll
+        for (int tt = 0; tt < kTokenTiles; ++tt) {
+          const uint4& v = xq[f][tt][j / 2];
+          mma_16x8x16<T>(step[tt], a, (j % 2) ? v.z : v.x, (j % 2) ? v.w : v.y);
+        }
+      }
+      const float s0 = to_float(sb[f][0], static_cast<const T*>(nullptr));
+      const float s1 = to_float(sb[f][1], static_cast<const T*>(nullptr));
+#pragma unroll
+      for (int tt = 0; tt < kTokenTiles; ++tt) {
+        if constexpr (kScaleAfter) {
+          acc[tt][0] = fmaf(s0, step[tt][0], acc[tt][0]);  // row gid
+          acc[tt][1] = fmaf(s0, step[tt][1], acc[tt][1]);
+          acc[tt][2] = fmaf(s1, step[tt][2], acc[tt][2]);  // row gid + 8
+          acc[tt][3] = fmaf(s1, step[tt][3], acc[tt][3]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[tt][i] = step[tt][i];
+        }
+      }
+    }
+  }
+
+  __shared__ float partial[kWarps][kTokenTiles * kTileTokens][kTileRows];
+#pragma unroll
+  for (int tt = 0; tt < kTokenTiles; ++tt) {
+    const int token = kTileTokens * tt + 2 * tid;
+    partial[warp][token][gid] = acc[tt][0];
+    partial[warp][token + 1][gid] = acc[tt][1];
+    partial[warp][token][gid + 8] = acc[tt][2];
+    partial[warp][token + 1][gid + 8] = acc[tt][3];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kTokenTiles * kTileTokens * kTileRows; i += blockDim.x) {
+    const int token = i / kTileRows, r = i % kTileRows;
+    if (token < m_size && row0 + r < n_size) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) sum += partial[w][token][r];
+      out[static_cast<int64_t>(token) * n_size + row0 + r] = W4<T>::from_float(sum);
+    }
+  }
+}
+
 // One word of qweight -> its 8 weights, k-ordered, stored with 16-byte stores.
 __device__ __forceinline__ void store_word(__half* dst, uint32_t w, uint16_t s, uint16_t z) {
   const __half2 scale = broadcast<__half>(s), zero = biased_zero<__half>(z);
@@ -589,10 +826,56 @@ void launch_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename T, int kTokenTiles, int kSteps, int kMinB>
+void launch_gemv_v2(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                    const at::Tensor& zeros, at::Tensor& out, cudaStream_t stream, bool scale_after) {
+  const int m = static_cast<int>(x.size(0)), n = static_cast<int>(qweight.size(0));
+  const int k = static_cast<int>(x.size(1)), groups = static_cast<int>(scales.size(1));
+  const uint64_t chunks_per_group = k / groups / kChunk;
+  const uint64_t group_magic = ((uint64_t{1} << kDivShift) + chunks_per_group - 1) / chunks_per_group;
+  const dim3 grid(static_cast<unsigned>((n + kTileRows - 1) / kTileRows));
+  const dim3 block(kWarps * kWarpSize);
+  const T* xp = reinterpret_cast<const T*>(x.data_ptr());
+  const uint4* qp = reinterpret_cast<const uint4*>(qweight.data_ptr());
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
+  const uint16_t* zp = reinterpret_cast<const uint16_t*>(zeros.data_ptr());
+  T* op = reinterpret_cast<T*>(out.data_ptr());
+  if (scale_after) {
+    w4a16_gemv_v2_kernel<T, kTokenTiles, kSteps, true, kMinB><<<grid, block, 0, stream>>>(
+        xp, qp, sp, zp, op, m, n, k, groups, group_magic);
+  } else {
+    w4a16_gemv_v2_kernel<T, kTokenTiles, kSteps, false, kMinB><<<grid, block, 0, stream>>>(
+        xp, qp, sp, zp, op, m, n, k, groups, group_magic);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_gemv_version(int version, const at::Tensor& x, const at::Tensor& qweight,
+                         const at::Tensor& scales, const at::Tensor& zeros, at::Tensor& out,
+                         cudaStream_t stream) {
+  if (version == 1) return launch_gemv<T>(x, qweight, scales, zeros, out, stream);
+  const bool after = (x.size(1) / scales.size(1)) % (kStepChunks * kChunk) == 0;
+  if (x.size(0) > kTileTokens) {  // two token tiles: one k-step in flight, 3 blocks an SM
+    return launch_gemv_v2<T, 2, 1, 3>(x, qweight, scales, zeros, out, stream, after);
+  }
+  // One token tile. When every block is resident at once (N <= 32 rows per SM, e.g.
+  // 4096 on an H100) a warp has few k-steps: issue 4 at a time (2 blocks an SM);
+  // with several waves of blocks, 2 (3 blocks an SM) keep more warps busy.
+  const int64_t blocks = (qweight.size(0) + kTileRows - 1) / kTileRows;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()));
+  if (blocks <= 2 * sms) {
+    return launch_gemv_v2<T, 1, 4, 2>(x, qweight, scales, zeros, out, stream, after);
+  }
+  return launch_gemv_v2<T, 1, 2, 3>(x, qweight, scales, zeros, out, stream, after);
+}
+
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                const at::Tensor& zeros) {
+                const at::Tensor& zeros, int64_t version) {
   const char* op = "w4a16_linear";
   check_w4a16_args(op, qweight, scales, zeros, &x);
+  TORCH_CHECK(version == 1 || version == 2, op, ": version must be 1 or 2, got ", version);
   TORCH_CHECK(x.size(0) <= kMaxTokens, op, ": the CUDA GEMV takes x with at most ", kMaxTokens,
               " rows (tokens), got shape ", shape_str(x));
   TORCH_CHECK(aligned16(x.data_ptr()) && aligned16(qweight.data_ptr()), op,
@@ -608,9 +891,9 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor
   if (x.size(1) == 0) return out.zero_();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (type == at::kHalf) {
-    launch_gemv<__half>(x, qweight, scales, zeros, out, stream);
+    launch_gemv_version<__half>(static_cast<int>(version), x, qweight, scales, zeros, out, stream);
   } else {
-    launch_gemv<__nv_bfloat16>(x, qweight, scales, zeros, out, stream);
+    launch_gemv_version<__nv_bfloat16>(static_cast<int>(version), x, qweight, scales, zeros, out, stream);
   }
   return out;
 }
@@ -619,8 +902,9 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "minideploy CUDA kernels: W4A16 linear (int4 weights, float16/bfloat16 activations)";
-  m.def("gemv", &gemv, "x @ dequantize(qweight, scales, zeros)^T for up to 16 rows of x (CUDA)",
-        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"));
+  m.def("gemv", &gemv, "x @ dequantize(qweight, scales, zeros)^T for up to 16 rows of x (CUDA); version 1 or 2 "
+        "(see the header)",
+        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("version") = 2);
   m.def("dequantize", &dequantize, "the float weight [N, K] of a W4A16 linear (CUDA)",
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"));
 }
