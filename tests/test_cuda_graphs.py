@@ -6,7 +6,7 @@ from minideploy import GenerationConfig
 from minideploy.config import ModelConfig
 from minideploy.engine import Generator
 from minideploy.engine.cuda_graphs import CUDAGraphDecoder
-from minideploy.models import KVCache, random_model
+from minideploy.models import KVCache, NoTokenizer, random_model
 
 TINY = ModelConfig(vocab_size=503, hidden_size=192, intermediate_size=344, num_layers=3, num_heads=6,
                    num_kv_heads=2, head_dim=32, max_position_embeddings=256)
@@ -30,27 +30,8 @@ def test_eager_decoder_matches_the_generator():
     tokens = greedy_tokens("cpu", torch.float32, 3, capture=False)
     prompts = torch.randint(0, TINY.vocab_size, (3, 21), generator=torch.Generator().manual_seed(2))
     model = random_model(TINY, torch.float32, "cpu", seed=1)
-    gen = Generator(model, _NoTokenizer(), TINY, session_len=96)
+    gen = Generator(model, NoTokenizer(), TINY, session_len=96)
     config = GenerationConfig(max_new_tokens=41, ignore_eos=True)
     for seqs in gen.stream(prompts.tolist(), [config] * 3):
         pass
     assert [s.output_ids for s in seqs] == tokens.tolist()
-
-
-class _NoTokenizer:
-    """Enough of a tokenizer for token-level generation."""
-
-    eos_token_id = None
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("batch", [1, 3, 8])
-def test_graph_decode_matches_eager(dtype, batch):
-    eager = greedy_tokens("cuda", dtype, batch, capture=False)
-    graph = greedy_tokens("cuda", dtype, batch, capture=True)
-    assert torch.equal(eager, graph)

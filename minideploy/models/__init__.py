@@ -14,7 +14,7 @@ from .loader import (DEFAULT_MODEL_NAME, ModelNotFoundError, ModelSource, load_h
                      load_state_dict, load_tokenizer, model_config_of, resolve_model_path)
 
 __all__ = ["DEFAULT_MODEL_NAME", "ForwardContext", "KVCache", "LlamaModel", "LoadedModel",
-           "ModelNotFoundError", "ModelSource", "load_model", "random_model", "resolve_model_path"]
+           "ModelNotFoundError", "ModelSource", "NoTokenizer", "load_model", "random_model", "resolve_model_path"]
 
 
 @dataclass
@@ -42,6 +42,15 @@ def load_model(model_path: Optional[str | os.PathLike] = None, dtype: torch.dtyp
     model.cos_sin = rope_cos_sin(config, max_positions or config.max_position_embeddings).to(device)
     model.load_hf_state_dict(load_state_dict(source))
     return LoadedModel(model.eval().requires_grad_(False), tokenizer, config, source)
+
+
+class NoTokenizer:
+    """Stands in for a tokenizer beside random-weight models: a token's text is its id."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return " ".join(map(str, ids))
 
 
 def random_model(config: ModelConfig, dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu",
