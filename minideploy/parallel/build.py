@@ -97,6 +97,8 @@ class RandomWeights:
         full = random_model(self.config, self.dtype, device, self.max_positions, self.seed)
         if self.config.quant is not None:
             quantize_model_(full, self.config.quant)
+        if tp == 1:  # no copy: a 13B model and its shard would not fit one GPU together
+            return full
         state = shard_state_dict(full.state_dict(), self.config, tp, rank)
         del full
         return build_rank_model(self.config, state, tp, rank, self.dtype, device, self.max_positions)
