@@ -3,13 +3,15 @@ import dataclasses
 
 import pytest
 import torch
+from test_awq_checkpoint import hf_config_dict
 
 import minideploy as md
 from minideploy.config import ModelConfig, QuantConfig
-from minideploy.models import ForwardContext, KVCache
-from minideploy.parallel import (RandomWeights, RowParallel, TensorParallelModel, WorkerError, check_devices,
-                                 check_tp, convert, run_spmd, shard_state_dict)
-from minideploy.quant import W4A16Linear
+from minideploy.models import ForwardContext, KVCache, load_model, random_model
+from minideploy.parallel import (Checkpoint, RandomWeights, RowParallel, TensorParallelModel, WorkerError,
+                                 check_devices, check_tp, convert, run_spmd, shard_state_dict)
+from minideploy.quant import W4A16Linear, quantize_model_
+from minideploy.quant.checkpoint import save_awq_checkpoint
 
 # 8 heads / 4 KV heads; vocab 301 is odd, so the vocabulary shards need padding.
 TINY = ModelConfig(vocab_size=301, hidden_size=128, intermediate_size=192, num_layers=2, num_heads=8,
@@ -154,3 +156,20 @@ def test_converted_tp3_workspace_gives_the_same_text_and_checks_tp(tp1_texts, tm
     assert run_pipeline(ws, 3) == tp1_texts
     with pytest.raises(ValueError, match="converted for tp=3, but tp=1 was asked for: pass --tp 3"):
         md.pipeline(ws, md.EngineConfig(device="cpu", dtype="float32"))
+
+
+def test_awq_checkpoint_converts_to_a_tp2_workspace_with_int4_shards(default_model, tmp_path):
+    config = dataclasses.replace(TINY, vocab_size=default_model.config.vocab_size)
+    quant = QuantConfig(4, 32)
+    awq = quantize_model_(random_model(config, torch.float32, seed=4), quant)
+    save_awq_checkpoint(awq, default_model.tokenizer, hf_config_dict(config), quant, tmp_path / "awq")
+    ws = convert(tmp_path / "awq", tmp_path / "ws", 2, dtype="float32")
+    names = set(__import__("safetensors").safe_open(ws / "weights" / "rank1.safetensors", "pt").keys())
+    assert {"layers.1.attention.w_qkv.1.qweight", "layers.1.attention.wo.1.scales",
+            "layers.1.feed_forward.w2.1.zeros"} <= names
+    expected = greedy(load_model(tmp_path / "awq").model, [1, 5, 7, 9], 8)
+    model = TensorParallelModel(Checkpoint(str(ws), torch.float32, "cpu"), 2, "cpu", timeout_s=60)
+    try:
+        assert greedy(model, [1, 5, 7, 9], 8) == expected
+    finally:
+        model.close()
