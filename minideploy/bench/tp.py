@@ -18,6 +18,7 @@ all-gather).
 from __future__ import annotations
 
 import argparse
+import os
 from functools import partial
 
 import torch
@@ -117,6 +118,7 @@ def main(argv=None) -> dict:
         models = [(args.model, Checkpoint(args.model, dtype, "cpu"),
                    model_config_of(resolve_model_path(args.model)))]
     dtype_bytes = torch.finfo(dtype).bits // 8
+    load_before = os.getloadavg()  # CPU timings on a shared host move with what else runs there
 
     decode_sizes = sorted({b * c.hidden_size * dtype_bytes for _, _, c in models for b in batches})
     sweep = [2**k for k in range(10, 27 if cuda else 23)]
@@ -151,6 +153,7 @@ def main(argv=None) -> dict:
               "context": context, "batches": batches,
               "note": ("ranks are processes sharing this host's CPU cores" if not cuda
                        else "random fp16 weights; eager decode steps (no CUDA graphs)"),
+              "host_load_avg_before_after": [load_before, os.getloadavg()],
               "allreduce": {"alpha_s": alpha, "beta_bytes_per_s": beta,
                             "measured": [measured[s] for s in sizes]},
               "decode": rows, "raw_decode": raw}
