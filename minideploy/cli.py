@@ -15,6 +15,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--session-len", type=int, default=None,
                    help="longest conversation in tokens (default: the model's context length)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel degree: processes on CPU (gloo), GPUs on CUDA (NCCL)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -27,7 +29,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args) -> EngineConfig:
-    return EngineConfig(dtype=args.dtype, device=args.device, session_len=args.session_len)
+    return EngineConfig(dtype=args.dtype, device=args.device, session_len=args.session_len, tp=args.tp)
 
 
 def gen_config(args) -> GenerationConfig:
@@ -104,6 +106,14 @@ def cmd_auto_awq(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .parallel import convert
+
+    out = convert(args.model_path, args.dst_path, args.tp, args.dtype)
+    print(f"wrote {out} (tp={args.tp}, {args.dtype}); run: minideploy chat {out} --tp {args.tp}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minideploy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -118,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(gen)
     gen.add_argument("--prompt", "-p", required=True)
     gen.set_defaults(func=cmd_generate)
+
+    conv = sub.add_parser("convert", help="split a model for --tp N into a workspace (TurboMind tensor names)")
+    conv.add_argument("model_path", help="HF model directory (float or AWQ), .gguf file, or 'default'")
+    conv.add_argument("--dst-path", default="./workspace", help="the workspace directory to write")
+    conv.add_argument("--tp", type=int, default=1, help="tensor-parallel degree the workspace is split for")
+    conv.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"],
+                      help="dtype of the stored float tensors")
+    conv.set_defaults(func=cmd_convert)
 
     lite = sub.add_parser("lite", help="quantization (LMDeploy's `lite`)")
     lite_sub = lite.add_subparsers(dest="lite_command", required=True, metavar="COMMAND")

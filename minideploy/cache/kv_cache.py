@@ -105,6 +105,11 @@ class PagedKVCache:
         params = 0 if self.k_params is None else self.k_params.nbytes + self.v_params.nbytes
         return self.k.nbytes + self.v.nbytes + params
 
+    def geometry(self) -> dict:
+        """Constructor arguments (besides config and device) of an empty cache like this one."""
+        return {"num_blocks": self.num_blocks, "block_size": self.block_size, "dtype": self.dtype,
+                "quant_policy": self.quant_policy}
+
     def _params(self, layer: int) -> dict:
         if self.k_params is None:
             return {}

@@ -110,7 +110,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        self.cache.copy_blocks(batch.copies)
+        self.runner.copy_blocks(batch.copies)
         rows = batch.rows(self.manager)
         self.tokens_computed += sum(len(r.token_ids) for r in rows)
         logits = self.runner.forward(rows)

@@ -32,6 +32,13 @@ class ModelRunner:
         self.model, self.cache = model, cache
         self.device = model.embed.weight.device
 
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write copies, made before the forward that writes into the copies."""
+        if copies:
+            self.cache.copy_blocks(copies)
+            if hasattr(self.model, "copy_blocks"):  # tensor parallel: the workers' caches too
+                self.model.copy_blocks(copies)
+
     @torch.inference_mode()
     def forward(self, rows: list[Row]) -> torch.Tensor:
         """float32 logits [len(rows), vocab] of each row's last new token."""

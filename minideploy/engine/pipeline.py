@@ -12,6 +12,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 from ..config import EngineConfig, GenerationConfig
 from ..models import LoadedModel, load_model
+from ..parallel import is_workspace, load_parallel
 from .llm_engine import LLMEngine
 from .sequence import Sequence as EngineSequence, Status
 
@@ -36,11 +37,19 @@ class Pipeline:
                  backend_config: Optional[EngineConfig] = None):
         self.engine_config = backend_config or EngineConfig()
         self.device = self.engine_config.torch_device()
-        self.loaded: LoadedModel = load_model(model_path, dtype=self.engine_config.torch_dtype(),
-                                              device=self.device)
+        if self.engine_config.tp > 1 or is_workspace(model_path):
+            self.loaded: LoadedModel = load_parallel(model_path, self.engine_config)
+        else:
+            self.loaded = load_model(model_path, dtype=self.engine_config.torch_dtype(), device=self.device)
         self.tokenizer = self.loaded.tokenizer
+        # With tp > 1 the engine sizes its KV cache from rank 0's share of the heads (model.config).
         self.engine = LLMEngine(self.loaded, self.engine_config)
         self.warm_up()
+
+    def close(self) -> None:
+        """Stop tensor-parallel workers, if any (they also stop at exit)."""
+        if hasattr(self.loaded.model, "close"):
+            self.loaded.model.close()
 
     def warm_up(self) -> None:
         """One prefill and one decode step, so kernels compile (once per machine) before any timing."""

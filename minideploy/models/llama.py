@@ -68,6 +68,10 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    def geometry(self) -> dict:
+        """Constructor arguments (besides config and device) of an empty cache like this one."""
+        return {"max_batch_size": self.k.shape[1], "max_seq_len": self.max_seq_len, "dtype": self.k.dtype}
+
     def prepare(self, ctx: ForwardContext) -> ForwardContext:
         """`ctx` with the kernels' metadata filled in where missing (once per forward).
 
