@@ -10,6 +10,7 @@ raises `WorkerError` with it.
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import queue
 import time
@@ -111,7 +112,11 @@ def _spmd_entry(fn, rank, tp, device_type, port, timeout_s, reports):
         connect(rank, tp, device_type, port, timeout_s)
         result = fn(rank, tp)
         dist.barrier()
-        reports.put(("result", rank, result if rank == 0 else None))
+        # Sent by value: a tensor shared by file descriptor dies with this process, which may
+        # exit before the driver reads it.
+        payload = io.BytesIO()
+        torch.save(result if rank == 0 else None, payload)
+        reports.put(("result", rank, payload.getvalue()))
         dist.destroy_process_group()
     except BaseException:
         report_failure(reports, rank)
@@ -139,4 +144,4 @@ def run_spmd(fn: Callable[[int, int], Any], tp: int, device_type: str = "cpu",
             p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
-    return results[0]
+    return torch.load(io.BytesIO(results[0]), weights_only=False)
