@@ -7,7 +7,8 @@ AWQ at each setting (default W4 g64, W4 g32, W3 g64; asymmetric, groups along
 in_features, every q/k/v/o/gate/up/down projection); with `--quant-policy 8,4`
 also the float weights over an int8 / int4 KV cache. AWQ calibrates on the
 calibration split (about 12 minutes per setting on 2 CPU cores with 64 x 512
-tokens). Writes figures/ppl.json.
+tokens). Writes figures/ppl.json, or figures/ppl_kv.json for
+`--settings "" --quant-policy 8,4` (the KV rows alone).
 """
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ def main(argv=None) -> dict:
               "calibration": {"text": "pydoc_data.topics, sorted keys[:40]", "samples": args.calib_samples,
                               "seqlen": args.calib_seqlen, "search_samples": args.search_samples},
               "rows": rows}
-    name = "ppl" if args.text is None else f"ppl_{args.text.stem}"
+    # KV policies alone (--settings "") make a table of their own, beside the weight table.
+    name = ("ppl" if settings else "ppl_kv") + ("" if args.text is None else f"_{args.text.stem}")
     print(f"-> {write_result(name, result, 'cpu')}")
     return result
 
