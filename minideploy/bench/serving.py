@@ -1,0 +1,225 @@
+"""Serving throughput and latency: continuous batching vs transformers' static batching.
+
+Workload (seeded): N requests of random prompt tokens with random prompt and
+output lengths, every output exactly its length (`ignore_eos`), arriving all at
+once (`--request-rate inf`) or as a Poisson process. The engine runs them with
+continuous batching over the paged cache, once per `--max-batch-sizes` entry;
+the baseline — transformers' `generate` on the same model with left-padded
+static batches in arrival order, each batch running until its longest output is
+done — runs the same requests in the same process.
+
+Reported per run: requests/s, output tokens/s, and p50/p90/p99 of time to first
+token (TTFT), time per output token after the first (TPOT), inter-token latency
+(ITL) and end-to-end latency. Static batching returns a batch's tokens when the
+batch ends, so its TTFT is its end-to-end latency.
+
+CPU: the default model (fp32, and W4 g64 RTN with `--w4`), short lengths;
+CUDA: a Llama-2-7B-shaped fp16 model with random weights (speed does not depend
+on the values). Writes figures/serving_{cpu,h100}.json and a plot.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import EngineConfig, GenerationConfig, QuantConfig
+from ..engine.llm_engine import LLMEngine
+from ..models import LoadedModel, NoTokenizer, load_model, random_model
+from ..models.shapes import MODEL_SHAPES
+from ..quant import quantize_model_
+from .common import FIGURES, device_name, device_tag, write_result
+from .decode import hf_model_of_shape
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    output_len: int
+    arrival: float
+    token_times: list[float] = field(default_factory=list)
+
+
+def make_workload(count: int, seed: int, prompt_lens, output_lens, vocab: int, rate: float) -> list[Request]:
+    rng = random.Random(seed)
+    requests, clock = [], 0.0
+    for _ in range(count):
+        if math.isfinite(rate):
+            clock += rng.expovariate(rate)
+        prompt = [rng.randrange(10, vocab) for _ in range(rng.randint(*prompt_lens))]
+        requests.append(Request(prompt, rng.randint(*output_lens), clock))
+    return requests
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    t = torch.tensor(values, dtype=torch.float64)
+    return {f"p{q}": float(torch.quantile(t, q / 100)) for q in (50, 90, 99)} | {"mean": float(t.mean())}
+
+
+def summarize(requests: list[Request], seconds: float, streaming: bool) -> dict:
+    outputs = sum(r.output_len for r in requests)
+    ttft = [r.token_times[0] - r.arrival for r in requests]
+    e2e = [r.token_times[-1] - r.arrival for r in requests]
+    itl = [b - a for r in requests for a, b in zip(r.token_times, r.token_times[1:])] if streaming else []
+    tpot = [(r.token_times[-1] - r.token_times[0]) / (r.output_len - 1) for r in requests
+            if streaming and r.output_len > 1]
+    return {"seconds": seconds, "requests_per_s": len(requests) / seconds, "output_tokens_per_s": outputs / seconds,
+            "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot), "itl_s": percentiles(itl),
+            "e2e_s": percentiles(e2e)}
+
+
+def run_engine(loaded: LoadedModel, engine_config: EngineConfig, workload: list[Request]) -> dict:
+    requests = [Request(r.prompt_ids, r.output_len, r.arrival) for r in workload]
+    engine = LLMEngine(loaded, engine_config)
+    engine.generate([[11] * 16], [GenerationConfig(max_new_tokens=2, ignore_eos=True)])  # warm-up
+    by_seq, pending, steps = {}, list(requests), 0
+    start = time.perf_counter()
+    while pending or engine.has_work():
+        now = time.perf_counter() - start
+        while pending and pending[0].arrival <= now:
+            r = pending.pop(0)
+            seq = engine.add_request(r.prompt_ids, GenerationConfig(max_new_tokens=r.output_len, ignore_eos=True))
+            by_seq[seq.seq_id] = r
+        if not engine.has_work():
+            time.sleep(min(pending[0].arrival - now, 0.01))
+            continue
+        advanced = engine.step()
+        steps += 1
+        now = time.perf_counter() - start
+        for seq in advanced:
+            by_seq[seq.seq_id].token_times.append(now)
+    seconds = time.perf_counter() - start
+    assert engine.manager.num_active == 0
+    return {"max_batch_size": engine_config.max_batch_size, "steps": steps,
+            "preempted": engine.scheduler.num_preempted, "kv_blocks": engine.manager.num_blocks,
+            **summarize(requests, seconds, streaming=True)}
+
+
+def run_hf_static(hf, workload: list[Request], batch_size: int, device: torch.device) -> dict:
+    requests = [Request(r.prompt_ids, r.output_len, r.arrival) for r in workload]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    for i in range(0, len(requests), batch_size):
+        batch = requests[i:i + batch_size]
+        wait = batch[-1].arrival - (time.perf_counter() - start)  # a static batch starts when it is full
+        if wait > 0:
+            time.sleep(wait)
+        width = max(len(r.prompt_ids) for r in batch)
+        ids = torch.tensor([[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch],
+                            device=device)
+        longest = max(r.output_len for r in batch)
+        with torch.inference_mode():
+            hf.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+                        do_sample=False, pad_token_id=0)
+        sync()
+        done = time.perf_counter() - start
+        for r in batch:
+            r.token_times = [done]
+    return {"batch_size": batch_size, **summarize(requests, time.perf_counter() - start, streaming=False)}
+
+
+def plot(result: dict, path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, runs, key in (("minideploy (continuous)", result["engine"], "max_batch_size"),
+                             ("HF generate (static)", result["hf_static"], "batch_size")):
+        xs = [r[key] for r in runs]
+        ax1.plot(xs, [r["output_tokens_per_s"] for r in runs], marker="o", label=label)
+        ax2.plot(xs, [r["e2e_s"]["p50"] for r in runs], marker="o", label=f"{label} p50")
+    for label, runs in result.get("engine_w4", {}).items():
+        ax1.plot([r["max_batch_size"] for r in runs], [r["output_tokens_per_s"] for r in runs], marker="s",
+                 label=label)
+    ax1.set(xscale="log", xlabel="max batch size", ylabel="output tokens/s", title="throughput")
+    ax2.set(xscale="log", xlabel="max batch size", ylabel="end-to-end latency (s)", title="latency")
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"{result['model']} on {result['device']}: {result['requests']} requests", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m minideploy.bench.serving", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--requests", type=int, default=None, help="default: 32 (CPU), 256 (CUDA)")
+    parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson) or inf")
+    parser.add_argument("--max-batch-sizes", default=None, help="comma-separated; default 1,4,8,16 (CPU), "
+                                                                "8,32,64,128,256 (CUDA)")
+    parser.add_argument("--hf-batch-sizes", default=None, help="default: 1,4,8,16 (CPU), 8,64 (CUDA)")
+    parser.add_argument("--w4", action="store_true", help="CPU: also the W4 g64 (RTN) model")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    device = torch.device(args.device)
+    count = args.requests or (256 if cuda else 32)
+    batches = [int(b) for b in (args.max_batch_sizes or ("8,32,64,128,256" if cuda else "1,4,8,16")).split(",")]
+    hf_batches = [int(b) for b in (args.hf_batch_sizes or ("8,64" if cuda else "1,4,8,16")).split(",")]
+
+    if cuda:
+        config = MODEL_SHAPES["llama2-7b"]
+        lens = dict(prompt_lens=(128, 1024), output_lens=(128, 1024))
+        model = random_model(config, torch.float16, device, max_positions=2048)
+        loaded = LoadedModel(model, NoTokenizer(), config, source=None)
+        name, session_len = "llama2-7b (random weights, fp16)", 2048
+    else:
+        loaded = load_model("default", dtype=torch.float32)
+        config = loaded.config
+        lens = dict(prompt_lens=(32, 256), output_lens=(16, 128))
+        name, session_len = "default model (fp32)", 512
+    workload = make_workload(count, args.seed, vocab=config.vocab_size, rate=args.request_rate, **lens)
+    print(f"{count} requests, prompts {lens['prompt_lens']}, outputs {lens['output_lens']}, "
+          f"{sum(r.output_len for r in workload)} output tokens")
+
+    def engine_config(b):
+        return EngineConfig(device=args.device, dtype="float16" if cuda else "float32", session_len=session_len,
+                            max_batch_size=b, cache_max_entry_count=0.8 if cuda else b * session_len // 64 + 1,
+                            cache_block_seq_len=64)
+
+    engine_runs = []
+    for b in batches:
+        engine_runs.append(run_engine(loaded, engine_config(b), workload))
+        print(f"minideploy max batch {b:4}: {engine_runs[-1]['output_tokens_per_s']:8.1f} output tok/s, "
+              f"TTFT p50 {engine_runs[-1]['ttft_s']['p50']:.2f} s, TPOT p50 "
+              f"{1000 * engine_runs[-1]['tpot_s']['p50']:.1f} ms", flush=True)
+        if cuda:
+            torch.cuda.empty_cache()
+    hf = hf_model_of_shape(config, torch.float16, "cuda") if cuda else _hf_default(loaded)
+    hf_runs = []
+    for b in hf_batches:
+        hf_runs.append(run_hf_static(hf, workload, b, device))
+        print(f"HF static   batch {b:4}: {hf_runs[-1]['output_tokens_per_s']:8.1f} output tok/s", flush=True)
+    del hf
+    result = {"model": name, "requests": count, "request_rate": args.request_rate, "seed": args.seed,
+              "lengths": {k: list(v) for k, v in lens.items()}, "engine": engine_runs, "hf_static": hf_runs}
+    best, best_hf = (max(r["output_tokens_per_s"] for r in runs) for runs in (engine_runs, hf_runs))
+    result["best_speedup_vs_hf_static"] = best / best_hf
+    if args.w4 and not cuda:
+        quantize_model_(loaded.model, QuantConfig(4, 64))  # RTN in memory: speed does not depend on scales
+        result["engine_w4"] = {"minideploy W4 g64": [run_engine(loaded, engine_config(b), workload)
+                                                     for b in batches]}
+    tag = device_tag(device)
+    path = write_result(f"serving_{tag}", result, device)
+    plot({**result, "device": device_name(device)}, FIGURES / f"serving_{tag}.png")
+    print(f"best continuous {best:.1f} vs best static {best_hf:.1f} output tok/s: "
+          f"{result['best_speedup_vs_hf_static']:.2f}x -> {path}")
+    return result
+
+
+def _hf_default(loaded: LoadedModel):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(loaded.source.path), dtype=torch.float32).eval()
+
+
+if __name__ == "__main__":
+    main()
