@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import logging
 import sys
 
@@ -114,6 +116,59 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def serve_module(name: str, extra: str):
+    """A minideploy.serve module; a missing extra is a message saying what to install."""
+    try:
+        return importlib.import_module(f".serve.{name}", __package__)
+    except ModuleNotFoundError as err:
+        raise ValueError(f"{err.msg}: pip install 'minideploy[{extra}]'") from None
+
+
+def cmd_api_server(args) -> int:
+    config = dataclasses.replace(engine_config(args), max_batch_size=args.max_batch_size,
+                                 cache_max_entry_count=args.cache_max_entry_count,
+                                 quant_policy=args.quant_policy)
+    return serve_module("api_server", "serve").run_api_server(
+        args.model_path, config, args.server_name, args.server_port, args.api_keys or (), args.model_name,
+        args.log_level)
+
+
+def cmd_api_client(args) -> int:
+    return serve_module("api_client", "serve").run_api_client(args.api_server_url, args.api_key)
+
+
+def cmd_gradio(args) -> int:
+    return serve_module("gradio_app", "webui").run_gradio(args.api_server_url, args.server_name,
+                                                          args.server_port, args.api_key)
+
+
+def add_serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="OpenAI-compatible API server, terminal client, web UI")
+    serve_sub = serve.add_subparsers(dest="serve_command", required=True, metavar="COMMAND")
+    api = serve_sub.add_parser("api_server", help="serve a model over an OpenAI-compatible HTTP API")
+    add_model_args(api)
+    api.add_argument("--server-name", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    api.add_argument("--server-port", type=int, default=23333)
+    api.add_argument("--max-batch-size", "--instance-num", dest="max_batch_size", type=int, default=64,
+                     help="most sequences decoded together (--instance-num: LMDeploy's older name)")
+    api.add_argument("--cache-max-entry-count", type=float, default=0.8,
+                     help="KV cache: fraction of free memory (< 1) or number of blocks (>= 1)")
+    api.add_argument("--quant-policy", type=int, default=0, choices=[0, 4, 8], help="KV-cache int4/int8")
+    api.add_argument("--api-keys", nargs="+", default=None, help="accept only requests bearing one of these")
+    api.add_argument("--model-name", default=None, help="the name clients ask for (default: the path's name)")
+    api.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    api.set_defaults(func=cmd_api_server)
+    for name, func, help_ in (("api_client", cmd_api_client, "multi-turn chat in the terminal over HTTP"),
+                              ("gradio", cmd_gradio, "a web chat UI in front of an api_server")):
+        p = serve_sub.add_parser(name, help=help_)
+        p.add_argument("api_server_url", help="e.g. http://127.0.0.1:23333")
+        p.add_argument("--api-key", default=None)
+        if name == "gradio":
+            p.add_argument("--server-name", default="127.0.0.1")
+            p.add_argument("--server-port", type=int, default=6006)
+        p.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minideploy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -153,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="calibration sequences that score each scale/clip candidate (statistics use all)")
     awq.add_argument("--device", default="cpu", help="cpu or cuda[:N] (calibration runs in float32)")
     awq.set_defaults(func=cmd_auto_awq)
+    add_serve_parser(sub)
     return parser
 
 
