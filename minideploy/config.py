@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 
 LLAMA_FAMILY = ("llama", "mistral")
+GREEDY_TEMPERATURE = 1e-5
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -250,4 +251,6 @@ class GenerationConfig:
 
     @property
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0 or self.top_k == 1
+        # Below GREEDY_TEMPERATURE sampling is argmax in all but name, and logits / temperature
+        # could overflow float32 to inf (then NaN probabilities).
+        return not self.do_sample or self.temperature < GREEDY_TEMPERATURE or self.top_k == 1

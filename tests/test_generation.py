@@ -174,3 +174,12 @@ def test_cli_reports_bad_model_paths(tmp_path):
     (tmp_path / "broken" / "config.json").write_text("{not json")
     broken = run_cli("chat", str(tmp_path / "broken"))
     assert broken.returncode == 2 and "not valid JSON" in broken.stderr
+
+
+def test_extreme_temperature_and_top_p_fall_back_to_the_top_token():
+    logits = torch.randn(2, 30)
+    configs = [md.GenerationConfig(do_sample=True, temperature=1e-300, top_k=0),
+               md.GenerationConfig(do_sample=True, temperature=1.0, top_p=5e-324, top_k=0, random_seed=0)]
+    assert configs[0].greedy and not configs[1].greedy
+    out = sample(logits, states(*configs), [[1], [1]], [0, 0])
+    assert out.tolist() == logits.argmax(-1).tolist()

@@ -37,8 +37,10 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens ranked above it already reach top_p
+        # drop a token when the tokens ranked above it already reach top_p; never the top one
+        # (a top_p that rounds to 0 in float32 would otherwise drop everything)
         drop = probs.cumsum(-1) - probs >= top_p
+        drop[..., 0] = False
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return logits
 

@@ -14,11 +14,6 @@ from ..config import GenerationConfig
 
 MAX_N = 16       # choices per request
 MAX_STOP = 4     # stop strings per request (OpenAI's limit)
-# Below this temperature sampling is argmax in all but name, and logits / temperature can
-# overflow float32 to inf (then NaN probabilities): such requests decode greedily.
-MIN_SAMPLING_TEMPERATURE = 1e-5
-# A top_p that rounds to 0 in float32 would drop even the top token; this one keeps just it.
-MIN_TOP_P = 1e-6
 
 
 class StreamOptions(BaseModel):
@@ -49,9 +44,9 @@ class SamplingRequest(BaseModel):
 
     def gen_configs(self, max_new_tokens: int) -> list[GenerationConfig]:
         """One config per choice; a seed gives choice i the seed + i, so choices differ."""
-        sample = self.temperature >= MIN_SAMPLING_TEMPERATURE
-        return [GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, temperature=self.temperature,
-                                 top_p=max(self.top_p, MIN_TOP_P), top_k=self.top_k,
+        # temperature 0 (or tiny: GenerationConfig.greedy) decodes greedily
+        return [GenerationConfig(max_new_tokens=max_new_tokens, do_sample=self.temperature > 0,
+                                 temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                                  repetition_penalty=self.repetition_penalty, stop_words=self.stop_words(),
                                  ignore_eos=self.ignore_eos,
                                  random_seed=None if self.seed is None else (self.seed + i) % 2**63)
