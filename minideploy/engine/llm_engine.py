@@ -129,7 +129,7 @@ class LLMEngine:
         return batch.seqs
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        session_id = getattr(seq, "session_id", None)
+        session_id = seq.session_id
         if session_id is None or reason == "abort":
             self.scheduler.finish(seq, reason)
             if session_id is not None:
