@@ -10,7 +10,8 @@ entry, preallocated once per batch (gpt-fast style). The kernels already see it
 as a paged cache whose blocks are whole rows (slot = row * max_seq_len +
 position; block table of row r = [r]), so chapter 4's paged cache
 (`minideploy.cache.PagedKVCache`) plugs in behind the same calls: `prepare`,
-`store`, `blocks`, `attention_params` and `keys_values`.
+`store`, `blocks`, `attention_params` and `keys_values`, and `key_rotation`
+(an orthogonal matrix applied to q and k before the cache, or None).
 """
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ class ForwardContext:
 
 class KVCache:
     """Contiguous K/V storage: [num_layers, max_batch_size, max_seq_len, num_kv_heads, head_dim]."""
+
+    key_rotation = None  # float keys need no rotation (see PagedKVCache)
 
     def __init__(self, config: ModelConfig, max_batch_size: int, max_seq_len: int,
                  dtype: torch.dtype, device: torch.device | str):
@@ -181,6 +184,8 @@ class Attention(nn.Module):
         q = q.reshape(-1, c.num_heads, c.head_dim).contiguous()  # [num_tokens, num_heads, head_dim]
         k = k.reshape(-1, c.num_kv_heads, c.head_dim).contiguous()
         q, k = kernels.rope(q, k, ctx.positions.reshape(-1), cos_sin)
+        if cache.key_rotation is not None:  # q.k is unchanged by rotating both (quantized caches)
+            q, k = q @ cache.key_rotation, k @ cache.key_rotation
         # v stays a strided view of the qkv output: store_kv reads rows with any stride.
         cache.store(self.layer, k, v.view(-1, c.num_kv_heads, c.head_dim), ctx)
         if visible is None:  # decode: one query per sequence over its cache
