@@ -3,6 +3,7 @@ weights: the text does not matter here, the protocol does): the official client,
 errors, API keys, metrics, 200 concurrent streams with disconnects, a schemathesis run, the
 terminal client, and SIGINT/SIGTERM on the real command."""
 import asyncio
+import dataclasses
 import io
 import json
 import signal
@@ -247,3 +248,44 @@ def test_signal_shuts_the_server_down_cleanly(tiny_dir, sig):
         proc.kill()
     assert proc.returncode == 0, err
     assert "Traceback" not in err + out
+
+
+def test_notebook_chat_widget_streams_and_keeps_the_conversation(server):
+    from minideploy.serve.chat_widget import ChatWidget
+
+    chat = ChatWidget(server.url, max_tokens=8, temperature=0.0)
+    assert chat.send("   ") == "" and chat.history == []
+    chat.prompt.value = "hello <there>"  # what pressing Enter does
+    first = chat.history[-1]["content"]
+    assert chat.prompt.value == "" and [m["role"] for m in chat.history] == ["user", "assistant"]
+    assert chat.history[0]["content"] == "hello <there>" and first
+    assert "hello &lt;there&gt;" in chat.transcript.value  # escaped, not markup
+    second = chat.send("and again")
+    assert second and len(chat.history) == 4
+    chat.clear()
+    assert chat.history == [] and "chatting with tiny" in chat.transcript.value
+
+
+def test_notebook_chat_widget_shows_server_errors(server):
+    from minideploy.serve.chat_widget import ChatWidget
+
+    chat = ChatWidget(server.url, max_tokens=-5)  # the server answers 400
+    assert chat.send("hi") == ""
+    assert chat.history == [] and "server error" in chat.transcript.value
+
+
+def test_server_with_tensor_parallel_pipeline_answers_as_tp1(tiny_dir, client):
+    """`serve api_server --tp 2`: the same app over a tp=2 pipeline (two gloo workers on the CPU)
+    gives the tp=1 server's greedy answer, streamed and not."""
+    request = dict(model="tiny", max_tokens=12, temperature=0,
+                   messages=[{"role": "user", "content": "Split me across two ranks."}])
+    expected = client.chat.completions.create(**request).choices[0].message.content
+    pipe = Pipeline(tiny_dir, dataclasses.replace(CONFIG, tp=2))
+    try:
+        with BackgroundServer(create_app(pipe, "tiny")) as tp_server:
+            tp_client = openai.OpenAI(base_url=tp_server.url + "/v1", api_key="unused", max_retries=0)
+            assert tp_client.chat.completions.create(**request).choices[0].message.content == expected
+            streamed = tp_client.chat.completions.create(**request, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
+    finally:
+        pipe.close()

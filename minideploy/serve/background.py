@@ -13,7 +13,8 @@ import uvicorn
 
 
 class BackgroundServer:
-    """`with BackgroundServer(app) as server:` serves `app` at `server.url` until the block ends."""
+    """`with BackgroundServer(app) as server:` serves `app` at `server.url` until the block ends
+    (or `server = BackgroundServer(app).start()` ... `server.stop()`)."""
 
     def __init__(self, app, host: str = "127.0.0.1", log_level: str = "warning", start_timeout_s: float = 60.0):
         self.app = app
@@ -27,7 +28,8 @@ class BackgroundServer:
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="minideploy-api-server", daemon=True)
 
-    def __enter__(self) -> "BackgroundServer":
+    def start(self) -> "BackgroundServer":
+        """Serve until `stop()` (a notebook keeps a server up across cells this way)."""
         self.thread.start()
         deadline = time.monotonic() + self.start_timeout_s
         while not self.server.started:
@@ -41,6 +43,9 @@ class BackgroundServer:
         self.server.should_exit = True
         self.thread.join()
         self.sock.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
