@@ -127,6 +127,58 @@ def test_cuda_gemv_rejects_unknown_versions():
         compiled("cuda").gemv(x, qweight, scales, zeros, 3)
 
 
+CHAIN_SIZES = [4096, 11008, 4096, 11008, 4100]  # 4096 -> 11008 -> 4096 -> 11008 -> 4100
+
+
+@pytest.fixture(scope="module")
+def chain_weights():
+    """(qweight, scales, zeros) on the CPU, float32 scales, for each layer of CHAIN_SIZES."""
+    return [random_weight(n, k, 128, seed=i) for i, (k, n) in enumerate(zip(CHAIN_SIZES, CHAIN_SIZES[1:]))]
+
+
+@cuda_only
+@pytest.mark.parametrize("version", GEMV_VERSIONS)
+@pytest.mark.parametrize("tokens", [1, 5, 16])
+def test_cuda_gemv_chain_replayed_from_a_cuda_graph(chain_weights, tokens, version):
+    """Decode's pattern: calls captured back to back in one CUDA graph, each reading the
+    output of the call before, the last N ragged. Every layer matches the reference on
+    its own input, and the replay (into outputs poisoned with NaN) equals the eager
+    chain bit for bit."""
+    ext = compiled("cuda")
+    for dtype in dtypes_for("cuda"):
+        weights = [(q.cuda(), s.to(dtype).cuda(), z.to(dtype).cuda()) for q, s, z in chain_weights]
+        x = (torch.randn(tokens, CHAIN_SIZES[0], generator=torch.Generator().manual_seed(7)) * 0.01)
+        x = x.to(dtype).cuda()
+
+        def chain():
+            outs = [x]
+            for qweight, scales, zeros in weights:
+                outs.append(ext.gemv(outs[-1], qweight, scales, zeros, version))
+            return outs
+
+        eager = chain()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            chain()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = chain()
+        for out in captured[1:]:
+            out.fill_(float("nan"))  # poison: the replay must write every element
+        graph.replay()
+        torch.cuda.synchronize()
+        for layer, (qweight, scales, zeros) in enumerate(weights):
+            # assert_matches' check, on the GPU: these weights are large for the CPU reference
+            w = reference.dequantize_w4(qweight, scales.float(), zeros.float())
+            x_in = captured[layer].float()
+            err = (captured[layer + 1].float() - x_in @ w.t()).abs().max().item()
+            typical = x_in.pow(2).mean().sqrt().item() * w.pow(2).mean().sqrt().item() * w.shape[1] ** 0.5
+            assert err <= TOL[dtype] * typical, f"layer {layer}: max error {err:.3g} vs {typical:.3g}"
+            assert torch.equal(captured[layer + 1], eager[layer + 1])
+
+
 @cuda_only
 @pytest.mark.parametrize("version", GEMV_VERSIONS)
 @pytest.mark.parametrize("group", [32, 128])

@@ -81,6 +81,21 @@
 // back to back from a CUDA graph (as in decode) reach 49% / 63% / 62% / 66% /
 // 72%, 2.7-3.8x cuBLAS replayed the same way. At 16 tokens, 27-40% (1.6-1.8x
 // cuBLAS): every block reads all of x from L2, 4x the bytes of its weights.
+// Replayed, the five shapes fit ~2.6 us a call plus the bytes at ~2.5 TB/s (82%).
+// Tried on an H100 against version 2 in the same runs (2026-11-25, medians of 20-30
+// event timings; the code was not kept), none faster at 1 token:
+//  - the block's tile prefetched into L2 before its loads (cp.async.bulk.prefetch.L2,
+//    one per row of qweight): 7-22% slower;
+//  - the weights streamed through a ring of 4-6 k-steps per warp in shared memory
+//    (cp.async), more bytes in flight at no register cost: 16-25% slower;
+//  - the tile's scales and zeros copied once into a shared-memory table (one 8-byte
+//    read a k-step instead of four 2-byte gathers over 8 rows: L1 passes per KB of
+//    qweight 52 -> ~22, counted from the source): 1.3-2.6 us slower a call, no faster
+//    replayed. So neither bytes in flight nor L1 passes seem to set the 82%;
+//  - programmatic dependent launch (griddepcontrol.wait before the first load): 0.2-0.7
+//    us less a call replayed back to back, not enough to carry the versions above;
+//    launch_dependents at the start let the next call's blocks take a one-wave grid's
+//    free slots early and run unevenly (16 tokens, 11008 -> 4096: 19.7 -> 25.4 us).
 //
 // Fragment layout (PTX ISA, mma.m16n8k16 with .f16/.bf16 inputs), lane =
 // 4 * gid + tid: A (16 x 16, row-major) registers a0 = A[gid][2tid, 2tid+1],
