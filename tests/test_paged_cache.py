@@ -16,10 +16,10 @@ TINY = ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_laye
 
 def contiguous_greedy(model, prompt, steps):
     """The reference: one contiguous row, prefill then one token at a time."""
-    config = model.config
-    cache = KVCache(config, 1, len(prompt) + steps, model.embed.weight.dtype, "cpu")
-    ids = torch.tensor([prompt])
-    ctx = ForwardContext(positions=torch.arange(len(prompt))[None], kv_len=len(prompt))
+    config, device = model.config, model.embed.weight.device
+    cache = KVCache(config, 1, len(prompt) + steps, model.embed.weight.dtype, device)
+    ids = torch.tensor([prompt], device=device)
+    ctx = ForwardContext(positions=torch.arange(len(prompt), device=device)[None], kv_len=len(prompt))
     out = []
     logits = model.logits(model(ids, ctx, cache)[:, -1])
     for step in range(steps):
@@ -27,14 +27,15 @@ def contiguous_greedy(model, prompt, steps):
         if step == steps - 1:
             break
         pos = len(prompt) + step
-        ctx = ForwardContext(positions=torch.tensor([[pos]]), kv_len=pos + 1)
-        logits = model.logits(model(torch.tensor([[out[-1]]]), ctx, cache)[:, -1])
+        ctx = ForwardContext(positions=torch.tensor([[pos]], device=device), kv_len=pos + 1)
+        logits = model.logits(model(torch.tensor([[out[-1]]], device=device), ctx, cache)[:, -1])
     return out
 
 
 def paged_greedy(model, prompts, steps, block_size, num_blocks, quant_policy=0):
     """Prefill one prompt at a time (later ones hit earlier ones' blocks), then decode all together."""
-    cache = PagedKVCache(model.config, num_blocks, block_size, model.embed.weight.dtype, "cpu", quant_policy)
+    cache = PagedKVCache(model.config, num_blocks, block_size, model.embed.weight.dtype,
+                         model.embed.weight.device, quant_policy)
     manager, runner = BlockManager(num_blocks, block_size), ModelRunner(model, cache)
     tokens, hits = [], []
     for i, prompt in enumerate(prompts):
@@ -56,9 +57,14 @@ def paged_greedy(model, prompts, steps, block_size, num_blocks, quant_policy=0):
     return [seq[len(p):] for seq, p in zip(tokens, prompts)], hits, manager
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                       reason="needs a CUDA GPU")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_paged_greedy_equals_contiguous_on_a_tiny_model(block_size):
-    model = random_model(TINY, dtype=torch.float32, seed=3)
+def test_paged_greedy_equals_contiguous_on_a_tiny_model(block_size, device):
+    model = random_model(TINY, dtype=torch.float32, device=device, seed=3)
     system = [5, 17, 33, 2, 8, 61, 40, 9, 11, 12, 70, 3, 4, 90, 1, 6, 7]  # shared prefix
     prompts = [system + [20, 21], system + [22], [50, 51, 52], system + [20, 21, 23, 24, 25]]
     paged, hits, _ = paged_greedy(model, prompts, steps=12, block_size=block_size, num_blocks=160)
