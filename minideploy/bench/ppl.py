@@ -5,10 +5,10 @@ Evaluation text: `pydoc_data.topics` sorted by key, from the 41st topic on
 or `--text FILE`. Each window is scored on its own. Rows: float, then RTN and
 AWQ at each setting (default W4 g64, W4 g32, W3 g64; asymmetric, groups along
 in_features, every q/k/v/o/gate/up/down projection); with `--quant-policy 8,4`
-also the float weights over an int8 / int4 KV cache. AWQ calibrates on the
-calibration split (about 12 minutes per setting on 2 CPU cores with 64 x 512
-tokens). Writes figures/ppl.json, or figures/ppl_kv.json for
-`--settings "" --quant-policy 8,4` (the KV rows alone).
+also the float weights over an int8 / int4 KV cache (keys rotated, as the
+engine stores them). AWQ calibrates on the calibration split (about 12 minutes
+per setting on 2 CPU cores with 64 x 512 tokens). Writes figures/ppl.json, or
+figures/ppl_kv.json for `--settings "" --quant-policy 8,4` (the KV rows alone).
 """
 from __future__ import annotations
 
