@@ -1,6 +1,7 @@
 """What every benchmark shares: provenance, the JSON writer, medians, plots."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -86,6 +87,23 @@ def load_result(name: str) -> dict:
     return json.loads((FIGURES / f"{name}.json").read_text())
 
 
+def bench_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of `python -m minideploy.bench.NAME`: its --help shows the module docstring as written."""
+    return argparse.ArgumentParser(prog=f"python -m minideploy.bench.{name}", description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def save_figure(fig, path: Path, close: bool = True) -> Path:
+    """Every benchmark's plot file: tight layout, 120 dpi; closed unless a notebook still shows it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    if close:
+        plt.close(fig)
+    return path
+
+
 def bar_plot(path: Path, labels: list[str], values: list[float], ylabel: str, title: str) -> Path:
     import matplotlib.pyplot as plt  # headless machines get the Agg backend by default
 
@@ -94,10 +112,7 @@ def bar_plot(path: Path, labels: list[str], values: list[float], ylabel: str, ti
     ax.bar_label(bars, fmt="%.1f")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def device_tag(device: torch.device | str) -> str:
@@ -165,9 +180,6 @@ def roofline_plot(path: Path | None, roofs: list[dict], points: list[dict], titl
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    if path is not None:
-        ax.figure.tight_layout()
-        ax.figure.savefig(path, dpi=120)
-        if fig is not None:  # saved to a file: free it; otherwise leave it for the notebook to show
-            plt.close(fig)
+    if path is not None:  # a figure made here is freed; a notebook's axes stay to be shown
+        save_figure(ax.figure, path, close=fig is not None)
     return ax

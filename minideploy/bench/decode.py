@@ -18,7 +18,6 @@ per kernel of a bs-1 step. Writes figures/decode_<gpu>.json.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -31,7 +30,7 @@ from ..models import KVCache, load_model, random_model
 from ..models.shapes import MODEL_SHAPES
 from ..quant import quantize_model_
 from ..roofline import measure_bandwidth
-from .common import FIGURES, bar_plot, device_tag, load_result, summarize, write_result
+from .common import FIGURES, bar_plot, bench_parser, device_tag, load_result, save_figure, summarize, write_result
 from .timing import describe, time_fn
 
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -277,15 +276,12 @@ def plot_cuda(result: dict, path=None, ax=None):
     ax.set_title(f"{result['model_shape']} {result['dtype']} decode on {result['device']}", fontsize=9)
     ax.legend(fontsize=8)
     if path is not None and fig is not None:
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save_figure(fig, path)
     return ax
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m minideploy.bench.decode", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("decode", __doc__)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--model", default="default", help="CPU: model path or 'default'")
     parser.add_argument("--model-shape", default="llama2-7b", choices=sorted(MODEL_SHAPES),

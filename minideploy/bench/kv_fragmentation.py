@@ -16,13 +16,12 @@ no device is involved, the numbers are exact for this workload.
 """
 from __future__ import annotations
 
-import argparse
 import random
 
 from .. import memory
 from ..cache.block_manager import BlockManager, OutOfBlocks
 from ..models.shapes import MODEL_SHAPES
-from .common import FIGURES, write_result
+from .common import FIGURES, bench_parser, save_figure, write_result
 
 BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -77,14 +76,11 @@ def plot(result: dict, path) -> None:
         ax.tick_params(axis="x", labelrotation=20)
     fig.suptitle(f"{result['model_shape']}, {result['capacity_tokens']} KV tokens, "
                  f"{result['requests']} in-flight requests", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m minideploy.bench.kv_fragmentation", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("kv_fragmentation", __doc__)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-shape", default="llama2-7b", choices=sorted(MODEL_SHAPES))

@@ -23,7 +23,6 @@ float32, contexts 512..4k, batch 1..8. Writes figures/paged_attention_<device>.j
 """
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 
@@ -31,7 +30,7 @@ import torch
 
 from .. import kernels
 from ..roofline import measure_bandwidth
-from .common import FIGURES, device_tag, load_result, write_result
+from .common import FIGURES, bench_parser, device_tag, load_result, save_figure, write_result
 from .timing import Rotating, cache_bytes, describe, time_fn
 
 BLOCK_SIZE = 64
@@ -167,15 +166,12 @@ def plot(result: dict, path=None, axes=None):
     axes[0].figure.suptitle(f"paged decode attention ({result['dtype']}) on {result['device']}, "
                             f"read bandwidth {result['bandwidth']['read_bytes_per_s'] / 1e9:.0f} GB/s", fontsize=9)
     if path is not None and fig is not None:
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save_figure(fig, path)
     return axes
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m minideploy.bench.paged_attention", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("paged_attention", __doc__)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--contexts", default=None, help=f"comma-separated (default: CUDA {CUDA_CONTEXTS}, "
                         f"CPU {CPU_CONTEXTS})")

@@ -12,7 +12,6 @@ figures/ppl_kv.json for `--settings "" --quant-policy 8,4` (the KV rows alone).
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -23,14 +22,13 @@ from ..quant import fake_quantize_model_
 from ..quant.awq import AWQConfig, awq_search_
 from ..quant.data import token_windows, topics_text
 from ..quant.perplexity import perplexity
-from .common import write_result
+from .common import bench_parser, write_result
 
 SETTINGS = "4:64,4:32,3:64"
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m minideploy.bench.ppl", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("ppl", __doc__)
     parser.add_argument("--model", default="default")
     parser.add_argument("--text", type=Path, default=None, help="evaluate on this UTF-8 text file instead")
     parser.add_argument("--windows", type=int, default=40)

@@ -13,7 +13,6 @@ Writes figures/roofline_<device>.json and .png (device: h100, a100, cpu, ...).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from ..models.shapes import MODEL_SHAPES
 from ..roofline import (arithmetic_intensity, decode_crossover_batch, linear_bytes,
                         linear_flops, measure_roof, published_spec)
-from .common import FIGURES, device_name, device_tag, load_result, roofline_plot, write_result
+from .common import FIGURES, bench_parser, device_name, device_tag, load_result, roofline_plot, write_result
 from .timing import Rotating, cache_bytes, describe, time_fn
 
 # (label, in_features K, out_features N) of Llama-2-7B's linears; qkv is q, k, v fused.
@@ -76,8 +75,7 @@ def plot_result(result: dict, path=None, ax=None):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m minideploy.bench.roofline", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("roofline", __doc__)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--batches", default=DEFAULT_BATCHES, help="comma-separated batch sizes")
     parser.add_argument("--repeats", type=int, default=None, help="timed samples per point "

@@ -19,7 +19,6 @@ on the values). Writes figures/serving_{cpu,h100}.json and a plot.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import time
@@ -32,7 +31,7 @@ from ..engine.llm_engine import LLMEngine
 from ..models import LoadedModel, NoTokenizer, load_model, random_model
 from ..models.shapes import MODEL_SHAPES
 from ..quant import quantize_model_
-from .common import FIGURES, device_name, device_tag, write_result
+from .common import FIGURES, bench_parser, device_name, device_tag, save_figure, write_result
 from .decode import hf_model_of_shape
 
 
@@ -142,14 +141,11 @@ def plot(result: dict, path) -> None:
     ax1.legend(fontsize=8)
     ax2.legend(fontsize=8)
     fig.suptitle(f"{result['model']} on {result['device']}: {result['requests']} requests", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m minideploy.bench.serving", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("serving", __doc__)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--requests", type=int, default=None, help="default: 32 (CPU), 256 (CUDA)")
     parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson) or inf")

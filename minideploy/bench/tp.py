@@ -17,7 +17,6 @@ all-gather).
 """
 from __future__ import annotations
 
-import argparse
 import os
 from functools import partial
 
@@ -29,7 +28,7 @@ from ..models.shapes import MODEL_SHAPES
 from ..models.loader import model_config_of, resolve_model_path
 from ..parallel import Checkpoint, RandomWeights, rank_device, run_spmd
 from ..parallel.comm import allreduce_bytes_per_layer, decode_comm_seconds, fit_ring, measure_allreduce
-from .common import FIGURES, device_name, device_tag, write_result
+from .common import FIGURES, bench_parser, device_name, device_tag, save_figure, write_result
 from .timing import describe, time_fn
 
 
@@ -85,16 +84,12 @@ def plot(result: dict, path=None, axes=None):
     ax.set_title(f"decode, {result['device']}", fontsize=9)
     ax.legend(fontsize=7)
     if path is not None:
-        axes[0].figure.tight_layout()
-        axes[0].figure.savefig(path, dpi=120)
-        if fig is not None:
-            plt.close(fig)
+        save_figure(axes[0].figure, path, close=fig is not None)
     return axes
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m minideploy.bench.tp", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("tp", __doc__)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--tp", type=int, default=None, help="default: 3 on CPU, 2 on CUDA")
     parser.add_argument("--model", default="default", help="CPU: model path or 'default'")

@@ -22,7 +22,6 @@ Writes figures/w4a16_<device>.json and .png. On a CPU: shapes / 8, float32.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
@@ -32,7 +31,7 @@ from .. import kernels
 from ..quant.pack import pack_int4
 from ..quant.rtn import quantize
 from ..roofline import measure_bandwidth
-from .common import FIGURES, device_tag, load_result, write_result
+from .common import FIGURES, bench_parser, device_tag, load_result, save_figure, write_result
 from .roofline import CPU_SCALE, SHAPES_7B
 from .timing import Rotating, describe, time_fn
 
@@ -168,15 +167,12 @@ def plot(result: dict, path=None, axes=None):
     axes[1].legend(fontsize=7)
     axes[0].figure.suptitle(f"W4A16 g{result['group_size']} vs {result['dtype']} on {result['device']}", fontsize=9)
     if path is not None and fig is not None:
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save_figure(fig, path)
     return axes
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m minideploy.bench.w4a16", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("w4a16", __doc__)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--batches", default=None, help=f"comma-separated (default: CUDA {CUDA_BATCHES}, "
                         f"CPU {CPU_BATCHES})")
