@@ -19,6 +19,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="longest conversation in tokens (default: the model's context length)")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel degree: processes on CPU (gloo), GPUs on CUDA (NCCL)")
+    p.add_argument("--eager-mode", action="store_true",
+                   help="GPU: run decode steps eagerly instead of replaying CUDA graphs")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -31,7 +33,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args) -> EngineConfig:
-    return EngineConfig(dtype=args.dtype, device=args.device, session_len=args.session_len, tp=args.tp)
+    return EngineConfig(dtype=args.dtype, device=args.device, session_len=args.session_len, tp=args.tp,
+                        eager_mode=args.eager_mode)
 
 
 def gen_config(args) -> GenerationConfig:

@@ -164,6 +164,9 @@ class EngineConfig:
     tp: tensor-parallel degree (number of devices or processes).
     max_prefill_token_num: new prompt tokens one prefill step may compute (a longer
         prompt runs alone).
+    eager_mode: on a GPU, launch every decode step's kernels from Python instead of
+        replaying CUDA graphs captured per batch bucket (graphs are the default, as in
+        LMDeploy's PyTorch engine; single device only).
     """
 
     dtype: str = "auto"
@@ -175,6 +178,7 @@ class EngineConfig:
     quant_policy: int = 0
     tp: int = 1
     max_prefill_token_num: int = 8192
+    eager_mode: bool = False
 
     QUANT_POLICIES = (0, 4, 8)
 

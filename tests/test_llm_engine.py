@@ -3,10 +3,11 @@ engine, sessions that prefill only their new tokens, aborts that give every bloc
 import pytest
 import torch
 
-from minideploy.config import EngineConfig, GenerationConfig
+from minideploy.config import EngineConfig, GenerationConfig, ModelConfig
 from minideploy.engine import Generator
 from minideploy.engine.llm_engine import LLMEngine
 from minideploy.engine.sequence import Status
+from minideploy.models import LoadedModel, NoTokenizer, random_model
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +79,26 @@ def test_abort_releases_blocks_mid_answer(engine, default_model):
     assert seqs[1].finish_reason == "length" and len(seqs[1].payload.output_ids) == 50
     assert engine.manager.num_active == 0
     engine.manager.check()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quant_policy", [0, 8])
+def test_cuda_graph_decode_gives_the_eager_engine_tokens(quant_policy):
+    """Decode steps replayed from CUDA graphs (batches of 1..6 in buckets 1/2/4/8) == eager steps."""
+    config = ModelConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_layers=3, num_heads=4,
+                         num_kv_heads=2, head_dim=64, max_position_embeddings=512)
+    loaded = LoadedModel(random_model(config, torch.float16, "cuda", seed=4), NoTokenizer(), config, source=None)
+    gen = torch.Generator().manual_seed(5)
+    ids = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (5, 17, 33, 40, 64, 9)]
+    configs = [GenerationConfig(max_new_tokens=6 + 7 * i, ignore_eos=True) for i in range(len(ids))]
+    outputs = {}
+    for eager in (True, False):
+        engine = LLMEngine(loaded, EngineConfig(device="cuda", dtype="float16", session_len=512, max_batch_size=8,
+                                                cache_max_entry_count=64, cache_block_seq_len=16,
+                                                quant_policy=quant_policy, eager_mode=eager))
+        assert (engine.runner.graphs is None) == eager
+        outputs[eager] = [s.payload.output_ids for s in engine.generate(ids, configs)]
+        assert engine.manager.num_active == 0
+    assert outputs[True] == outputs[False]
+    assert [len(o) for o in outputs[True]] == [c.max_new_tokens for c in configs]

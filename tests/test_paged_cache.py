@@ -7,7 +7,8 @@ from minideploy.cache.block_manager import BlockManager
 from minideploy import kernels
 from minideploy.cache.kv_cache import PagedKVCache, key_rotation, kv_bytes_per_token, num_blocks_for
 from minideploy.config import EngineConfig, ModelConfig
-from minideploy.engine.model_runner import ModelRunner, Row
+from minideploy.engine.cuda_graphs import DecodeGraphs
+from minideploy.engine.model_runner import ModelRunner, Row, graph_buckets
 from minideploy.models import ForwardContext, KVCache, random_model
 
 TINY = ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=6,
@@ -32,11 +33,20 @@ def contiguous_greedy(model, prompt, steps):
     return out
 
 
-def paged_greedy(model, prompts, steps, block_size, num_blocks, quant_policy=0):
-    """Prefill one prompt at a time (later ones hit earlier ones' blocks), then decode all together."""
+def paged_greedy(model, prompts, steps, block_size, num_blocks, quant_policy=0, decode="eager"):
+    """Prefill one prompt at a time (later ones hit earlier ones' blocks), then decode all together.
+
+    decode: "eager" (padded rows), "buffers" (the CUDA-graph buffers, run eagerly; 4 rows in a
+    bucket of 8) or "graphs" (the same, captured and replayed)."""
     cache = PagedKVCache(model.config, num_blocks, block_size, model.embed.weight.dtype,
                          model.embed.weight.device, quant_policy)
-    manager, runner = BlockManager(num_blocks, block_size), ModelRunner(model, cache)
+    graphs = None
+    if decode != "eager":
+        max_blocks = -(-64 // block_size)
+        graphs = DecodeGraphs(model, cache, 8, max_blocks, max_blocks * block_size, buckets=(1, 3, 8))
+        if decode == "graphs":
+            graphs.capture()
+    manager, runner = BlockManager(num_blocks, block_size), ModelRunner(model, cache, graphs)
     tokens, hits = [], []
     for i, prompt in enumerate(prompts):
         cached = manager.allocate(i, prompt)
@@ -57,17 +67,19 @@ def paged_greedy(model, prompts, steps, block_size, num_blocks, quant_policy=0):
     return [seq[len(p):] for seq, p in zip(tokens, prompts)], hits, manager
 
 
-CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                       reason="needs a CUDA GPU")])
+CUDA_MARKS = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device,decode", [("cpu", "eager"), ("cpu", "buffers"),
+                                           pytest.param("cuda", "eager", marks=CUDA_MARKS),
+                                           pytest.param("cuda", "graphs", marks=CUDA_MARKS)])
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_paged_greedy_equals_contiguous_on_a_tiny_model(block_size, device):
+def test_paged_greedy_equals_contiguous_on_a_tiny_model(block_size, device, decode):
     model = random_model(TINY, dtype=torch.float32, device=device, seed=3)
     system = [5, 17, 33, 2, 8, 61, 40, 9, 11, 12, 70, 3, 4, 90, 1, 6, 7]  # shared prefix
     prompts = [system + [20, 21], system + [22], [50, 51, 52], system + [20, 21, 23, 24, 25]]
-    paged, hits, _ = paged_greedy(model, prompts, steps=12, block_size=block_size, num_blocks=160)
+    paged, hits, _ = paged_greedy(model, prompts, steps=12, block_size=block_size, num_blocks=160,
+                                  decode=decode)
     assert paged == [contiguous_greedy(model, p, 12) for p in prompts]
     assert hits[0] == 0 and hits[2] == 0
     # the second prompt reuses the system prompt's full blocks, the fourth the first's too
@@ -109,6 +121,22 @@ def test_runner_rejects_rows_that_overflow_their_blocks():
         runner.forward([Row([1, 2, 3, 4, 5], 0, [0])])
     with pytest.raises(ValueError, match="no rows"):
         runner.forward([])
+
+
+def test_decode_buffers_reject_a_block_table_longer_than_they_hold():
+    model = random_model(TINY, dtype=torch.float32)
+    cache = PagedKVCache(TINY, 8, 4, torch.float32, "cpu")
+    runner = ModelRunner(model, cache, DecodeGraphs(model, cache, 2, 2, 8, buckets=(2,)))
+    with pytest.raises(ValueError, match="longer than the 2 blocks the decode buffers hold"):
+        runner.forward([Row([1], 8, [0, 1, 2])])
+
+
+def test_graph_buckets_cover_every_batch_with_little_padding():
+    assert graph_buckets(1) == [1]
+    assert graph_buckets(8) == [1, 2, 4, 8]
+    assert graph_buckets(20) == [1, 2, 4, 8, 16, 20]
+    buckets = graph_buckets(256)
+    assert buckets[-1] == 256 and all(b - a <= 16 for a, b in zip(buckets, buckets[1:]))
 
 
 def test_sizing_by_count_and_by_fraction():

@@ -6,7 +6,11 @@ once (`--request-rate inf`) or as a Poisson process. The engine runs them with
 continuous batching over the paged cache, once per `--max-batch-sizes` entry;
 the baseline — transformers' `generate` on the same model with left-padded
 static batches in arrival order, each batch running until its longest output is
-done — runs the same requests in the same process.
+done — runs the same requests in the same process. Each static batch's
+`generate` is timed and the timeline rebuilt from the durations (a batch starts
+once it is full and the previous one is done), so a baseline longer than one
+machine session allows is timed in parts: `--hf-batches 0:3`, then
+`--append --max-batch-sizes '' --hf-batches 3:8`, on the same kind of machine.
 
 Reported per run: requests/s, output tokens/s, and p50/p90/p99 of time to first
 token (TTFT), time per output token after the first (TPOT), inter-token latency
@@ -31,7 +35,8 @@ from ..engine.llm_engine import LLMEngine
 from ..models import LoadedModel, NoTokenizer, load_model, random_model
 from ..models.shapes import MODEL_SHAPES
 from ..quant import quantize_model_
-from .common import FIGURES, bench_parser, device_name, device_tag, save_figure, write_result
+from .common import (FIGURES, bench_parser, device_name, device_tag, load_result, provenance, save_figure,
+                     write_result)
 from .decode import hf_model_of_shape
 
 
@@ -100,28 +105,60 @@ def run_engine(loaded: LoadedModel, engine_config: EngineConfig, workload: list[
             **summarize(requests, seconds, streaming=True)}
 
 
-def run_hf_static(hf, workload: list[Request], batch_size: int, device: torch.device) -> dict:
-    requests = [Request(r.prompt_ids, r.output_len, r.arrival) for r in workload]
+def run_hf_static(hf, workload: list[Request], batch_size: int, device: torch.device,
+                  which: slice = slice(None)) -> dict:
+    """Time transformers' `generate` on each static batch (all of them, or the slice `which`).
+
+    Only the batches' durations are measured; `static_timeline` turns them into each
+    request's finish time (a batch starts when it is full and the previous one is done),
+    so the batches may be timed in several runs on the same machine (`--hf-batches`)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    start = time.perf_counter()
-    for i in range(0, len(requests), batch_size):
-        batch = requests[i:i + batch_size]
-        wait = batch[-1].arrival - (time.perf_counter() - start)  # a static batch starts when it is full
-        if wait > 0:
-            time.sleep(wait)
+    batches = [workload[i:i + batch_size] for i in range(0, len(workload), batch_size)]
+    seconds: list[float | None] = [None] * len(batches)
+    for k in range(len(batches))[which]:
+        batch = batches[k]
         width = max(len(r.prompt_ids) for r in batch)
         ids = torch.tensor([[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch], device=device)
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch],
                             device=device)
         longest = max(r.output_len for r in batch)
+        sync()
+        start = time.perf_counter()
         with torch.inference_mode():
             hf.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
                         do_sample=False, pad_token_id=0)
         sync()
-        done = time.perf_counter() - start
+        seconds[k] = time.perf_counter() - start
+        print(f"HF static batch {batch_size}: batch {k + 1}/{len(batches)} took {seconds[k]:.1f} s", flush=True)
+    return {"batch_size": batch_size, "batch_seconds": seconds}
+
+
+def static_timeline(workload: list[Request], run: dict) -> dict:
+    """The summary of a static-batching run whose every batch was timed (else `run` as it is)."""
+    seconds, size = run["batch_seconds"], run["batch_size"]
+    if any(s is None for s in seconds):
+        return run
+    requests = [Request(r.prompt_ids, r.output_len, r.arrival) for r in workload]
+    done = 0.0
+    for k, duration in enumerate(seconds):
+        batch = requests[k * size:(k + 1) * size]
+        done = max(done, batch[-1].arrival) + duration
         for r in batch:
             r.token_times = [done]
-    return {"batch_size": batch_size, **summarize(requests, time.perf_counter() - start, streaming=False)}
+    return {**run, **summarize(requests, done, streaming=False)}
+
+
+def merge_runs(old: list[dict], new: list[dict], key: str) -> list[dict]:
+    """Runs by `key`: a new run replaces an old one, except that static batches timed only in
+    the old run are kept (their durations fill the new run's gaps)."""
+    merged = {r[key]: r for r in old}
+    for run in new:
+        before = merged.get(run[key])
+        if before is not None and "batch_seconds" in run:
+            run = {**run, "batch_seconds": [n if n is not None else o
+                                            for n, o in zip(run["batch_seconds"], before["batch_seconds"])]}
+        merged[run[key]] = run
+    return [merged[k] for k in sorted(merged)]
 
 
 def plot(result: dict, path) -> None:
@@ -144,22 +181,35 @@ def plot(result: dict, path) -> None:
     save_figure(fig, path)
 
 
+WORKLOAD_KEYS = ("model", "requests", "request_rate", "seed", "lengths")
+
+
 def main(argv=None) -> dict:
     parser = bench_parser("serving", __doc__)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--requests", type=int, default=None, help="default: 32 (CPU), 256 (CUDA)")
     parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson) or inf")
-    parser.add_argument("--max-batch-sizes", default=None, help="comma-separated; default 1,4,8,16 (CPU), "
-                                                                "8,32,64,128,256 (CUDA)")
-    parser.add_argument("--hf-batch-sizes", default=None, help="default: 1,4,8,16 (CPU), 8,64 (CUDA)")
+    parser.add_argument("--max-batch-sizes", default=None, help="comma-separated, '' for none; default "
+                                                                "1,4,8,16 (CPU), 16,32,64,128,256 (CUDA)")
+    parser.add_argument("--hf-batch-sizes", default=None, help="comma-separated, '' for none; default "
+                                                               "1,4,8,16 (CPU), 32 (CUDA)")
+    parser.add_argument("--hf-batches", default=None, metavar="START:STOP",
+                        help="time only these static batches of the baseline (with --append, the rest "
+                             "in other runs: a run longer than a machine allows, split)")
+    parser.add_argument("--append", action="store_true",
+                        help="merge into the existing figures JSON of the same workload and device")
     parser.add_argument("--w4", action="store_true", help="CPU: also the W4 g64 (RTN) model")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     device = torch.device(args.device)
     count = args.requests or (256 if cuda else 32)
-    batches = [int(b) for b in (args.max_batch_sizes or ("8,32,64,128,256" if cuda else "1,4,8,16")).split(",")]
-    hf_batches = [int(b) for b in (args.hf_batch_sizes or ("8,64" if cuda else "1,4,8,16")).split(",")]
+    sizes = lambda text: [int(b) for b in text.split(",") if b.strip()]  # noqa: E731
+    batches = sizes(args.max_batch_sizes if args.max_batch_sizes is not None
+                    else "16,32,64,128,256" if cuda else "1,4,8,16")
+    hf_batches = sizes(args.hf_batch_sizes if args.hf_batch_sizes is not None else "32" if cuda else "1,4,8,16")
+    start, _, stop = (args.hf_batches or ":").partition(":")
+    which = slice(int(start) if start else None, int(stop) if stop else None)
 
     if cuda:
         config = MODEL_SHAPES["llama2-7b"]
@@ -175,6 +225,17 @@ def main(argv=None) -> dict:
     workload = make_workload(count, args.seed, vocab=config.vocab_size, rate=args.request_rate, **lens)
     print(f"{count} requests, prompts {lens['prompt_lens']}, outputs {lens['output_lens']}, "
           f"{sum(r.output_len for r in workload)} output tokens")
+    result = {"model": name, "requests": count, "request_rate": args.request_rate, "seed": args.seed,
+              "lengths": {k: list(v) for k, v in lens.items()}, "engine": [], "hf_static": []}
+    tag = device_tag(device)
+    if args.append and (FIGURES / f"serving_{tag}.json").exists():
+        old = load_result(f"serving_{tag}")
+        if any(old.get(k) != result[k] for k in WORKLOAD_KEYS) or old["device"] != device_name(device):
+            raise SystemExit(f"--append: figures/serving_{tag}.json holds another workload or device "
+                             f"({old['device']}); run without --append")
+        result.update(engine=old["engine"], hf_static=old["hf_static"], parts=old.get("parts", []))
+    result.setdefault("parts", []).append({k: v for k, v in provenance(device).items()
+                                           if k in ("date", "commit", "command")})
 
     def engine_config(b):
         return EngineConfig(device=args.device, dtype="float16" if cuda else "float32", session_len=session_len,
@@ -189,25 +250,29 @@ def main(argv=None) -> dict:
               f"{1000 * engine_runs[-1]['tpot_s']['p50']:.1f} ms", flush=True)
         if cuda:
             torch.cuda.empty_cache()
-    hf = hf_model_of_shape(config, torch.float16, "cuda") if cuda else _hf_default(loaded)
-    hf_runs = []
-    for b in hf_batches:
-        hf_runs.append(run_hf_static(hf, workload, b, device))
-        print(f"HF static   batch {b:4}: {hf_runs[-1]['output_tokens_per_s']:8.1f} output tok/s", flush=True)
-    del hf
-    result = {"model": name, "requests": count, "request_rate": args.request_rate, "seed": args.seed,
-              "lengths": {k: list(v) for k, v in lens.items()}, "engine": engine_runs, "hf_static": hf_runs}
-    best, best_hf = (max(r["output_tokens_per_s"] for r in runs) for runs in (engine_runs, hf_runs))
-    result["best_speedup_vs_hf_static"] = best / best_hf
+    result["engine"] = merge_runs(result["engine"], engine_runs, "max_batch_size")
+    if hf_batches:
+        hf = hf_model_of_shape(config, torch.float16, "cuda") if cuda else _hf_default(loaded)
+        hf_runs = [run_hf_static(hf, workload, b, device, which) for b in hf_batches]
+        del hf
+        result["hf_static"] = [static_timeline(workload, r)
+                               for r in merge_runs(result["hf_static"], hf_runs, "batch_size")]
+        for r in result["hf_static"]:
+            if "output_tokens_per_s" in r:
+                print(f"HF static   batch {r['batch_size']:4}: {r['output_tokens_per_s']:8.1f} output tok/s")
+    done_hf = [r for r in result["hf_static"] if "output_tokens_per_s" in r]
+    if result["engine"] and done_hf:
+        best, best_hf = (max(r["output_tokens_per_s"] for r in runs) for runs in (result["engine"], done_hf))
+        result["best_speedup_vs_hf_static"] = best / best_hf
+        print(f"best continuous {best:.1f} vs best static {best_hf:.1f} output tok/s: "
+              f"{result['best_speedup_vs_hf_static']:.2f}x")
     if args.w4 and not cuda:
         quantize_model_(loaded.model, QuantConfig(4, 64))  # RTN in memory: speed does not depend on scales
         result["engine_w4"] = {"minideploy W4 g64": [run_engine(loaded, engine_config(b), workload)
                                                      for b in batches]}
-    tag = device_tag(device)
     path = write_result(f"serving_{tag}", result, device)
-    plot({**result, "device": device_name(device)}, FIGURES / f"serving_{tag}.png")
-    print(f"best continuous {best:.1f} vs best static {best_hf:.1f} output tok/s: "
-          f"{result['best_speedup_vs_hf_static']:.2f}x -> {path}")
+    plot({**result, "hf_static": done_hf, "device": device_name(device)}, FIGURES / f"serving_{tag}.png")
+    print(f"-> {path}")
     return result
 
 

@@ -20,11 +20,13 @@ from typing import Optional, Sequence as Seq
 
 import torch
 
+from .. import kernels
 from ..cache.block_manager import BlockManager
 from ..cache.kv_cache import PagedKVCache, num_blocks_for
 from ..config import EngineConfig, GenerationConfig
-from ..models import LoadedModel
-from .model_runner import ModelRunner
+from ..models import LlamaModel, LoadedModel
+from .cuda_graphs import DecodeGraphs
+from .model_runner import ModelRunner, graph_buckets
 from .request import new_request
 from .sampling import sample
 from .scheduler import Scheduler
@@ -46,7 +48,7 @@ class LLMEngine:
         self.manager = BlockManager(num_blocks, block_size)
         self.cache = PagedKVCache(self.config, num_blocks, block_size, dtype, self.device,
                                   engine_config.quant_policy)
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, self._decode_graphs(model, engine_config))
         self.scheduler = Scheduler(self.manager, engine_config.max_batch_size,
                                    max(engine_config.max_prefill_token_num, block_size))
         self.sessions: dict[int, Sequence] = {}  # session_id -> its parked sequence
@@ -54,6 +56,18 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_generated = 0    # tokens sampled since start
         self.tokens_computed = 0  # tokens the model ran (prefill + decode), for reports and tests
+
+    def _decode_graphs(self, model, engine_config: EngineConfig) -> Optional[DecodeGraphs]:
+        """CUDA graphs of decode steps, captured now (after the cache took its memory)."""
+        if (engine_config.eager_mode or self.device.type != "cuda" or not isinstance(model, LlamaModel)
+                or not kernels.decode_attention_fits(self.config.head_dim)):
+            return None  # tensor parallel: the workers run eagerly
+        block_size = self.cache.block_size
+        max_blocks = -(-self.session_len // block_size)
+        graphs = DecodeGraphs(model, self.cache, engine_config.max_batch_size, max_blocks,
+                              max_blocks * block_size, graph_buckets(engine_config.max_batch_size))
+        graphs.capture()
+        return graphs
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, prompt_ids: Seq[int], gen_config: Optional[GenerationConfig] = None,

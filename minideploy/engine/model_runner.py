@@ -4,7 +4,8 @@ The scheduler says what runs; the block manager says where each sequence's K/V
 lives; the runner builds the tensors the model reads — token ids, positions,
 slot mapping, block tables, context lengths — and returns the logits of each
 row's last new token. Rows with one new token each (decode, or a prefill whose
-prefix was cached up to its last token) take the decode-attention kernel;
+prefix was cached up to its last token) take the decode-attention kernel, and
+on a GPU replay a captured CUDA graph (`DecodeGraphs`, one per batch bucket);
 otherwise the rows are padded to the longest and go through SDPA (pad tokens
 get slot -1, which the store kernel skips).
 """
@@ -16,6 +17,7 @@ import torch
 
 from ..cache.kv_cache import PagedKVCache
 from ..models import ForwardContext, LlamaModel
+from .cuda_graphs import DecodeGraphs
 
 
 @dataclass(frozen=True)
@@ -27,9 +29,16 @@ class Row:
     block_table: list[int]
 
 
+def graph_buckets(max_batch: int) -> list[int]:
+    """Decode batch sizes to capture: small powers of two, then every 16 (a batch runs in the
+    smallest bucket that holds it, so the padding stays under 16 rows)."""
+    return [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16)) + [max_batch]
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaModel, cache: PagedKVCache):
-        self.model, self.cache = model, cache
+    def __init__(self, model: LlamaModel, cache: PagedKVCache, graphs: DecodeGraphs | None = None):
+        """`graphs`: decode buffers over this model and cache, captured or not (None: always eager)."""
+        self.model, self.cache, self.graphs = model, cache, graphs
         self.device = model.embed.weight.device
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
@@ -39,25 +48,32 @@ class ModelRunner:
             if hasattr(self.model, "copy_blocks"):  # tensor parallel: the workers' caches too
                 self.model.copy_blocks(copies)
 
+    def _slot(self, row: Row, position: int) -> int:
+        return row.block_table[position // self.cache.block_size] * self.cache.block_size \
+            + position % self.cache.block_size
+
     @torch.inference_mode()
     def forward(self, rows: list[Row]) -> torch.Tensor:
         """float32 logits [len(rows), vocab] of each row's last new token."""
         if not rows:
             raise ValueError("nothing to run: no rows")
-        block_size = self.cache.block_size
+        for r in rows:
+            n = len(r.token_ids)
+            if n == 0 or r.start + n > len(r.block_table) * self.cache.block_size:
+                raise ValueError(f"row of {n} tokens from position {r.start} does not fit its "
+                                 f"{len(r.block_table)} blocks of {self.cache.block_size}")
+        g = self.graphs
+        if g is not None and all(len(r.token_ids) == 1 for r in rows) and len(rows) <= g.buckets[-1]:
+            return self._decode_in_buffers(rows)
         width = max(len(r.token_ids) for r in rows)
         max_blocks = max(len(r.block_table) for r in rows)
         ids, positions, slots, tables, lens = [], [], [], [], []
         for r in rows:
             n = len(r.token_ids)
-            if n == 0 or r.start + n > len(r.block_table) * block_size:
-                raise ValueError(f"row of {n} tokens from position {r.start} does not fit its "
-                                 f"{len(r.block_table)} blocks of {block_size}")
             pos = list(range(r.start, r.start + n))
             ids.append(r.token_ids + [0] * (width - n))
             positions.append(pos + [pos[-1]] * (width - n))  # pads repeat the last position
-            slots.extend([r.block_table[p // block_size] * block_size + p % block_size for p in pos]
-                         + [-1] * (width - n))
+            slots.extend([self._slot(r, p) for p in pos] + [-1] * (width - n))
             tables.append(r.block_table + [0] * (max_blocks - len(r.block_table)))
             lens.append(r.start + n)
         as_tensor = lambda x, dtype: torch.tensor(x, dtype=dtype, device=self.device)  # noqa: E731
@@ -67,3 +83,23 @@ class ModelRunner:
         hidden = self.model(as_tensor(ids, torch.long), ctx, self.cache)  # [batch, width, hidden]
         last = as_tensor([len(r.token_ids) - 1 for r in rows], torch.long)
         return self.model.logits(hidden[torch.arange(len(rows), device=self.device), last])
+
+    def _decode_in_buffers(self, rows: list[Row]) -> torch.Tensor:
+        """One token per row through the graph buffers: rows past len(rows) in the bucket store
+        nothing (slot -1) and attend to one key of block 0; their logits are dropped."""
+        g = self.graphs
+        batch, max_blocks = len(rows), g.block_tables.shape[1]
+        bucket = g.bucket_for(batch)
+        if any(len(r.block_table) > max_blocks for r in rows):
+            raise ValueError(f"a block table is longer than the {max_blocks} blocks the decode buffers hold "
+                             "(session_len / cache_block_seq_len)")
+        pad = bucket - batch
+        tables = torch.zeros(bucket, max_blocks, dtype=torch.int32)
+        for i, r in enumerate(rows):
+            tables[i, :len(r.block_table)] = torch.tensor(r.block_table, dtype=torch.int32)
+        g.input_ids[:bucket, 0].copy_(torch.tensor([r.token_ids[0] for r in rows] + [0] * pad))
+        g.positions[:bucket, 0].copy_(torch.tensor([r.start for r in rows] + [0] * pad))
+        g.slots[:bucket].copy_(torch.tensor([self._slot(r, r.start) for r in rows] + [-1] * pad))
+        g.context_lens[:bucket].copy_(torch.tensor([r.start + 1 for r in rows] + [1] * pad, dtype=torch.int32))
+        g.block_tables[:bucket].copy_(tables)
+        return g.run(bucket)[:batch]
