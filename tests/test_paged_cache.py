@@ -96,6 +96,31 @@ def test_paged_greedy_equals_contiguous_on_the_default_model(default_model):
     assert hits[1] >= 8
 
 
+@pytest.mark.parametrize("quant_policy", [0, 8])
+def test_a_ragged_prefill_batch_equals_one_sequence_at_a_time(quant_policy):
+    """Rows of 1, 5 and 9 new tokens, one after a cached prefix of 8: flattened into one
+    forward, each row's logits are those of running it alone."""
+    model = random_model(TINY, dtype=torch.float32, seed=2)
+    prefix = [3, 1, 4, 1, 5, 9, 2, 6]
+    rows_of = {"a": [7], "b": [10, 11, 12, 13, 14], "c": [20, 21, 22, 23, 24, 25, 26, 27, 28],
+               "d": prefix + [30, 31, 32]}
+    logits = {}
+    for together in (False, True):
+        cache = PagedKVCache(TINY, 32, 4, torch.float32, "cpu", quant_policy)
+        manager, runner = BlockManager(32, 4), ModelRunner(model, cache)
+        manager.allocate("p", prefix)
+        runner.forward([Row(prefix, 0, manager.block_table("p"))])
+        manager.commit("p", prefix)
+        rows = []
+        for name, ids in rows_of.items():
+            cached = manager.allocate(name, ids)
+            rows.append(Row(ids[cached:], cached, manager.block_table(name)))
+        assert rows[-1].start == len(prefix)  # the prefix's blocks are shared
+        out = runner.forward(rows) if together else torch.cat([runner.forward([r]) for r in rows])
+        logits[together] = out
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+
+
 def test_copy_on_write_keeps_the_parent_intact():
     model = random_model(TINY, dtype=torch.float32, seed=1)
     cache = PagedKVCache(TINY, 8, 4, torch.float32, "cpu")

@@ -33,9 +33,11 @@ import torch
 
 from ..config import EngineConfig, GenerationConfig, QuantConfig
 from ..engine.llm_engine import LLMEngine
+from ..memory import TORCH_FORMATS
 from ..models import LoadedModel, NoTokenizer, load_model, random_model
 from ..models.shapes import MODEL_SHAPES
 from ..quant import quantize_model_
+from ..roofline import Roof, measure_roof, predict_step_time
 from .common import (FIGURES, bench_parser, device_name, device_tag, load_result, provenance, save_figure,
                      write_result)
 from .decode import hf_model_of_shape
@@ -79,11 +81,18 @@ def summarize(requests: list[Request], seconds: float, streaming: bool) -> dict:
             "e2e_s": percentiles(e2e)}
 
 
-def run_engine(loaded: LoadedModel, engine_config: EngineConfig, workload: list[Request]) -> dict:
+def run_engine(loaded: LoadedModel, engine_config: EngineConfig, workload: list[Request], roof: Roof,
+               weights: dict | None = None) -> dict:
+    """Run the workload; besides the request metrics, split the time into prefill and decode
+    steps and set the decode steps beside chapter 2's roofline (`predict_step_time` for each
+    step's batch and cached tokens, at the measured bandwidth and matmul peak)."""
     requests = [Request(r.prompt_ids, r.output_len, r.arrival) for r in workload]
     engine = LLMEngine(loaded, engine_config)
     engine.generate([[11] * 16], [GenerationConfig(max_new_tokens=2, ignore_eos=True)])  # warm-up
     by_seq, pending, steps = {}, list(requests), 0
+    split = {"prefill_steps": 0, "prefill_s": 0.0, "decode_steps": 0, "decode_s": 0.0, "decode_roofline_s": 0.0}
+    kv_dtype = TORCH_FORMATS[engine.cache.dtype]
+    weights = weights or {"weights": kv_dtype}
     start = time.perf_counter()
     while pending or engine.has_work():
         now = time.perf_counter() - start
@@ -94,16 +103,26 @@ def run_engine(loaded: LoadedModel, engine_config: EngineConfig, workload: list[
         if not engine.has_work():
             time.sleep(min(pending[0].arrival - now, 0.01))
             continue
-        advanced = engine.step()
+        before = time.perf_counter()
+        advanced = engine.step()  # returns once the step's tokens are on the host
         steps += 1
         now = time.perf_counter() - start
+        kind = "prefill" if engine.last_batch.is_prefill else "decode"
+        split[f"{kind}_steps"] += 1
+        split[f"{kind}_s"] += time.perf_counter() - before
+        if kind == "decode":
+            cached = sum(s.num_computed for s in advanced) / len(advanced)
+            split["decode_roofline_s"] += predict_step_time(engine.config, roof, len(advanced), round(cached),
+                                                            kv_dtype=kv_dtype, **weights)
         for seq in advanced:
             by_seq[seq.seq_id].token_times.append(now)
     seconds = time.perf_counter() - start
     assert engine.manager.num_active == 0
+    split["decode_fraction_of_roofline"] = split["decode_roofline_s"] / split["decode_s"]
+    split["decode_step_ms"] = 1e3 * split["decode_s"] / max(split["decode_steps"], 1)
     return {"max_batch_size": engine_config.max_batch_size, "steps": steps,
             "preempted": engine.scheduler.num_preempted, "kv_blocks": engine.manager.num_blocks,
-            **summarize(requests, seconds, streaming=True)}
+            **split, **summarize(requests, seconds, streaming=True)}
 
 
 def run_hf_static(hf, workload: list[Request], batch_size: int, device: torch.device,
@@ -245,12 +264,18 @@ def main(argv=None) -> dict:
                             max_batch_size=b, cache_max_entry_count=0.8 if cuda else b * session_len // 64 + 1,
                             cache_block_seq_len=64)
 
+    roof = None
+    if batches:
+        roof, _ = measure_roof(device)
+        result["roof"] = {"matmul_flops_per_s": roof.peak_flops, "read_bytes_per_s": roof.bandwidth}
     engine_runs = []
     for b in batches:
-        engine_runs.append(run_engine(loaded, engine_config(b), workload))
+        engine_runs.append(run_engine(loaded, engine_config(b), workload, roof))
         print(f"minideploy max batch {b:4}: {engine_runs[-1]['output_tokens_per_s']:8.1f} output tok/s, "
               f"TTFT p50 {engine_runs[-1]['ttft_s']['p50']:.2f} s, TPOT p50 "
-              f"{1000 * engine_runs[-1]['tpot_s']['p50']:.1f} ms", flush=True)
+              f"{1000 * engine_runs[-1]['tpot_s']['p50']:.1f} ms; decode steps {engine_runs[-1]['decode_s']:.1f} s "
+              f"({engine_runs[-1]['decode_fraction_of_roofline']:.0%} of roofline), prefill steps "
+              f"{engine_runs[-1]['prefill_s']:.1f} s", flush=True)
         if cuda:  # the next engine sizes its cache from the free memory
             gc.collect()
             torch.cuda.empty_cache()
@@ -272,7 +297,8 @@ def main(argv=None) -> dict:
               f"{result['best_speedup_vs_hf_static']:.2f}x")
     if args.w4 and not cuda:
         quantize_model_(loaded.model, QuantConfig(4, 64))  # RTN in memory: speed does not depend on scales
-        result["engine_w4"] = {"minideploy W4 g64": [run_engine(loaded, engine_config(b), workload)
+        w4 = {"weights": "int4", "group_size": 64, "keep_fmt": "fp32"}
+        result["engine_w4"] = {"minideploy W4 g64": [run_engine(loaded, engine_config(b), workload, roof, w4)
                                                      for b in batches]}
     path = write_result(f"serving_{tag}", result, device)
     plot({**result, "hf_static": done_hf, "device": device_name(device)}, FIGURES / f"serving_{tag}.png")

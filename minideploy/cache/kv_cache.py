@@ -95,7 +95,7 @@ def num_blocks_for(config: ModelConfig, engine: EngineConfig, dtype: torch.dtype
 
 
 class PagedKVCache:
-    """The model's cache interface (prepare / store / blocks / keys_values) over blocks."""
+    """The model's cache interface (prepare / store / blocks / sequence_keys_values) over blocks."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str, quant_policy: int = 0):
@@ -154,17 +154,17 @@ class PagedKVCache:
         """Extra arguments decode attention needs for this layer (the quantization parameters)."""
         return self._params(layer)
 
-    def keys_values(self, layer: int, ctx) -> tuple[torch.Tensor, torch.Tensor]:
-        """[batch, kv_len, num_kv_heads, head_dim] in the model dtype, gathered from each
-        sequence's blocks (prefill; padded block-table entries point at any block and are masked)."""
-        tables = ctx.block_tables.long()  # [batch, max_blocks]
-        batch = tables.shape[0]
+    def sequence_keys_values(self, layer: int, block_table: torch.Tensor,
+                             kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sequence's keys and values 0..kv_len-1, [kv_len, num_kv_heads, head_dim] in the
+        model dtype, gathered from its blocks (prefill; dequantized if the cache is quantized)."""
+        blocks = block_table[:-(-kv_len // self.block_size)].long()
         out = []
         for cache, params in ((self.k[layer], self.k_params), (self.v[layer], self.v_params)):
-            gathered = cache[tables]  # [batch, max_blocks, block_size, heads, dim or codes]
+            gathered = cache[blocks]  # [blocks, block_size, heads, dim or codes]
             if params is not None:
-                gathered = kernels.dequantize_kv(gathered, params[layer][tables], self.config.head_dim)
-            out.append(gathered.reshape(batch, -1, *gathered.shape[-2:])[:, :ctx.kv_len].to(self.dtype))
+                gathered = kernels.dequantize_kv(gathered, params[layer][blocks], self.config.head_dim)
+            out.append(gathered.flatten(0, 1)[:kv_len].to(self.dtype))
         return out[0], out[1]
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:

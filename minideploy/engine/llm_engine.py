@@ -56,6 +56,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_generated = 0    # tokens sampled since start
         self.tokens_computed = 0  # tokens the model ran (prefill + decode), for reports and tests
+        self.last_batch = None    # the ScheduledBatch of the last step, for reports
 
     def _decode_graphs(self, model, engine_config: EngineConfig) -> Optional[DecodeGraphs]:
         """CUDA graphs of decode steps, captured now (after the cache took its memory)."""
@@ -121,7 +122,7 @@ class LLMEngine:
     def step(self) -> list[Sequence]:
         """Run one batch; returns its sequences, each payload holding its new `delta` text."""
         self._expire_sessions()
-        batch = self.scheduler.schedule()
+        batch = self.last_batch = self.scheduler.schedule()
         if batch is None:
             return []
         self.runner.copy_blocks(batch.copies)

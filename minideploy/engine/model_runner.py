@@ -5,9 +5,9 @@ lives; the runner builds the tensors the model reads — token ids, positions,
 slot mapping, block tables, context lengths — and returns the logits of each
 row's last new token. Rows with one new token each (decode, or a prefill whose
 prefix was cached up to its last token) take the decode-attention kernel, and
-on a GPU replay a captured CUDA graph (`DecodeGraphs`, one per batch bucket);
-otherwise the rows are padded to the longest and go through SDPA (pad tokens
-get slot -1, which the store kernel skips).
+on a GPU replay a captured CUDA graph (`DecodeGraphs`, one per batch bucket).
+Otherwise the rows' tokens are flattened into one ragged batch (no padding): the
+linears see every token once, and attention runs per sequence over its blocks.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from ..cache.kv_cache import PagedKVCache
 from ..models import ForwardContext, LlamaModel
 from .cuda_graphs import DecodeGraphs
@@ -62,27 +63,29 @@ class ModelRunner:
             if n == 0 or r.start + n > len(r.block_table) * self.cache.block_size:
                 raise ValueError(f"row of {n} tokens from position {r.start} does not fit its "
                                  f"{len(r.block_table)} blocks of {self.cache.block_size}")
+        decode = all(len(r.token_ids) == 1 for r in rows) and kernels.decode_attention_fits(
+            self.model.config.head_dim)
         g = self.graphs
-        if g is not None and all(len(r.token_ids) == 1 for r in rows) and len(rows) <= g.buckets[-1]:
+        if decode and g is not None and len(rows) <= g.buckets[-1]:
             return self._decode_in_buffers(rows)
-        width = max(len(r.token_ids) for r in rows)
         max_blocks = max(len(r.block_table) for r in rows)
-        ids, positions, slots, tables, lens = [], [], [], [], []
-        for r in rows:
-            n = len(r.token_ids)
-            pos = list(range(r.start, r.start + n))
-            ids.append(r.token_ids + [0] * (width - n))
-            positions.append(pos + [pos[-1]] * (width - n))  # pads repeat the last position
-            slots.extend([self._slot(r, p) for p in pos] + [-1] * (width - n))
-            tables.append(r.block_table + [0] * (max_blocks - len(r.block_table)))
-            lens.append(r.start + n)
+        positions = [list(range(r.start, r.start + len(r.token_ids))) for r in rows]
         as_tensor = lambda x, dtype: torch.tensor(x, dtype=dtype, device=self.device)  # noqa: E731
-        ctx = ForwardContext(positions=as_tensor(positions, torch.long), kv_len=max(lens),
-                             slots=as_tensor(slots, torch.long), block_tables=as_tensor(tables, torch.int32),
-                             context_lens=as_tensor(lens, torch.int32))
-        hidden = self.model(as_tensor(ids, torch.long), ctx, self.cache)  # [batch, width, hidden]
-        last = as_tensor([len(r.token_ids) - 1 for r in rows], torch.long)
-        return self.model.logits(hidden[torch.arange(len(rows), device=self.device), last])
+        ctx = ForwardContext(
+            positions=as_tensor(positions if decode else [[p for pos in positions for p in pos]], torch.long),
+            kv_len=max(r.start + len(r.token_ids) for r in rows),
+            slots=as_tensor([self._slot(r, p) for r, pos in zip(rows, positions) for p in pos], torch.long),
+            block_tables=as_tensor([r.block_table + [0] * (max_blocks - len(r.block_table)) for r in rows],
+                                   torch.int32),
+            context_lens=as_tensor([r.start + len(r.token_ids) for r in rows], torch.int32),
+            query_lens=None if decode else tuple(len(r.token_ids) for r in rows),
+            kv_lens=None if decode else tuple(r.start + len(r.token_ids) for r in rows))
+        ids = [r.token_ids for r in rows] if decode else [[t for r in rows for t in r.token_ids]]
+        hidden = self.model(as_tensor(ids, torch.long), ctx, self.cache)  # [batch, 1, H] or [1, tokens, H]
+        if decode:
+            return self.model.logits(hidden[:, 0])
+        last = torch.tensor([len(r.token_ids) for r in rows]).cumsum(0) - 1
+        return self.model.logits(hidden[0, last.to(self.device)])
 
     def _decode_in_buffers(self, rows: list[Row]) -> torch.Tensor:
         """One token per row through the graph buffers: rows past len(rows) in the bucket store

@@ -10,8 +10,10 @@ entry, preallocated once per batch (gpt-fast style). The kernels already see it
 as a paged cache whose blocks are whole rows (slot = row * max_seq_len +
 position; block table of row r = [r]), so chapter 4's paged cache
 (`minideploy.cache.PagedKVCache`) plugs in behind the same calls: `prepare`,
-`store`, `blocks`, `attention_params` and `keys_values`, and `key_rotation`
-(an orthogonal matrix applied to q and k before the cache, or None).
+`store`, `blocks`, `attention_params` and `key_rotation` (an orthogonal matrix
+applied to q and k before the cache, or None); prefill reads a contiguous row
+with `keys_values` (rectangular batches, padded) and a paged sequence with
+`sequence_keys_values` (ragged batches, `ForwardContext.query_lens`).
 """
 from __future__ import annotations
 
@@ -41,6 +43,10 @@ class ForwardContext:
     block_tables: [batch, max_blocks] int32, the cache blocks of each sequence.
     context_lens: [batch] int32, the keys each sequence attends to once its new
         tokens are stored (decode: position + 1).
+    Ragged prefill over a paged cache (the engine's prefill: no padding): the batch is
+    one row of flattened tokens, sequence i's `query_lens[i]` tokens back to back; it
+    attends to its `kv_lens[i]` keys (host copies of context_lens) through row i of
+    block_tables. None: the batch is rectangular.
     """
 
     positions: torch.Tensor
@@ -49,6 +55,8 @@ class ForwardContext:
     slots: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
+    query_lens: tuple[int, ...] | None = None
+    kv_lens: tuple[int, ...] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -188,6 +196,9 @@ class Attention(nn.Module):
             q, k = q @ cache.key_rotation, k @ cache.key_rotation
         # v stays a strided view of the qkv output: store_kv reads rows with any stride.
         cache.store(self.layer, k, v.view(-1, c.num_kv_heads, c.head_dim), ctx)
+        if ctx.query_lens is not None:  # ragged prefill: each sequence over its own keys
+            out = ragged_attention(q, cache, self.layer, ctx, gqa=c.num_heads != c.num_kv_heads)
+            return self.o(out.reshape(-1, c.q_size))
         if visible is None:  # decode: one query per sequence over its cache
             k_blocks, v_blocks = cache.blocks(self.layer)
             out = kernels.decode_attention(q, k_blocks, v_blocks, ctx.block_tables, ctx.context_lens,
@@ -200,6 +211,25 @@ class Attention(nn.Module):
             keys.transpose(1, 2), values.transpose(1, 2),
             attn_mask=visible, enable_gqa=c.num_heads != c.num_kv_heads)
         return self.o(out.transpose(1, 2).reshape(batch * seq, c.q_size))
+
+
+def ragged_attention(q: torch.Tensor, cache, layer: int, ctx: ForwardContext, gqa: bool) -> torch.Tensor:
+    """q [num_tokens, num_heads, head_dim] of sequences back to back -> the same shape.
+
+    One SDPA per sequence over the keys its blocks hold (a cached prefix, then the tokens
+    just stored): causal from the prefix's end, so no padding and no batch-wide mask."""
+    out, start = torch.empty_like(q), 0
+    for i, (n, kv_len) in enumerate(zip(ctx.query_lens, ctx.kv_lens)):
+        keys, values = cache.sequence_keys_values(layer, ctx.block_tables[i], kv_len)  # [kv_len, kv_heads, dim]
+        causal, mask = n == kv_len, None
+        if not causal:  # query j sits at position kv_len - n + j and sees keys up to it
+            mask = (torch.arange(kv_len, device=q.device)[None, :]
+                    <= torch.arange(kv_len - n, kv_len, device=q.device)[:, None])
+        out[start:start + n] = F.scaled_dot_product_attention(
+            q[start:start + n].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+            attn_mask=mask, is_causal=causal, enable_gqa=gqa).transpose(0, 1)
+        start += n
+    return out
 
 
 class MLP(nn.Module):
@@ -247,8 +277,9 @@ class LlamaModel(nn.Module):
         """input_ids [batch, seq] → final hidden states [batch, seq, hidden] (after the norm)."""
         h = self.embed(input_ids.reshape(-1))  # [num_tokens, hidden]
         ctx = cache.prepare(ctx)  # slots, block tables, context lengths: once, for every layer
-        visible = None  # decode: the kernel reads context_lens, no mask to build
-        if ctx.positions.shape[1] > 1 or not kernels.decode_attention_fits(self.config.head_dim):
+        visible = None  # decode (the kernel reads context_lens) or ragged prefill: no mask to build
+        if ctx.query_lens is None and (ctx.positions.shape[1] > 1
+                                       or not kernels.decode_attention_fits(self.config.head_dim)):
             # A query at position p sees keys 0..p: causal within the prompt, everything cached
             # before. [batch, 1, seq, kv_len], built once and shared by every layer.
             visible = (torch.arange(ctx.kv_len, device=h.device)[None, None, :]

@@ -27,7 +27,8 @@ def perplexity(model: LlamaModel, windows: torch.Tensor, progress: bool = False,
         cache = PagedKVCache(model.config, num_blocks, block_size, dtype, device, quant_policy)
         ctx = ForwardContext(positions[None], length, slots=positions,
                              block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
-                             context_lens=torch.tensor([length], dtype=torch.int32, device=device))
+                             context_lens=torch.tensor([length], dtype=torch.int32, device=device),
+                             query_lens=(length,), kv_lens=(length,))
     else:
         cache = KVCache(model.config, 1, length, dtype, device)
         ctx = ForwardContext(positions[None], length)
