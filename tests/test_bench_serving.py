@@ -1,0 +1,31 @@
+"""The serving benchmark's bookkeeping: static-batching timelines rebuilt from batch
+durations, and baselines timed in parts merged into one run."""
+import pytest
+
+from minideploy.bench.serving import Request, merge_runs, static_timeline
+
+WORK = [Request([1], 4, 0.0), Request([1], 2, 0.0), Request([1], 3, 5.0)]
+
+
+def test_static_timeline_rebuilds_finish_times_from_batch_durations():
+    run = static_timeline(WORK, {"batch_size": 2, "batch_seconds": [2.0, 1.0]})
+    # batch 1 (arrived at 0) ends at 2; batch 2 starts when its request arrives at 5, ends at 6
+    assert run["seconds"] == pytest.approx(6.0)
+    assert run["output_tokens_per_s"] == pytest.approx(9 / 6)
+    assert run["e2e_s"]["p50"] == pytest.approx(2.0)  # latencies 2, 2 and 1
+    assert run["ttft_s"] == run["e2e_s"]  # static batching returns every token at the end
+
+
+def test_a_baseline_timed_in_parts_is_summarized_once_complete():
+    first = static_timeline(WORK, {"batch_size": 2, "batch_seconds": [2.0, None]})
+    assert "output_tokens_per_s" not in first  # half a timeline has no throughput
+    merged = merge_runs([first], [{"batch_size": 2, "batch_seconds": [None, 1.0]}], "batch_size")
+    assert merged[0]["batch_seconds"] == [2.0, 1.0]
+    assert static_timeline(WORK, merged[0])["seconds"] == pytest.approx(6.0)
+
+
+def test_a_new_engine_run_replaces_the_old_one_of_the_same_batch_size():
+    old = [{"max_batch_size": 4, "tok": 1}, {"max_batch_size": 8, "tok": 2}]
+    merged = merge_runs(old, [{"max_batch_size": 4, "tok": 3}, {"max_batch_size": 16, "tok": 4}], "max_batch_size")
+    assert merged == [{"max_batch_size": 4, "tok": 3}, {"max_batch_size": 8, "tok": 2},
+                      {"max_batch_size": 16, "tok": 4}]
