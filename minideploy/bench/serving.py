@@ -105,11 +105,11 @@ def run_engine(loaded: LoadedModel, engine_config: EngineConfig, workload: list[
             continue
         before = time.perf_counter()
         advanced = engine.step()  # returns once the step's tokens are on the host
-        steps += 1
-        now = time.perf_counter() - start
+        after = time.perf_counter()
+        steps, now = steps + 1, after - start
         kind = "prefill" if engine.last_batch.is_prefill else "decode"
         split[f"{kind}_steps"] += 1
-        split[f"{kind}_s"] += time.perf_counter() - before
+        split[f"{kind}_s"] += after - before
         if kind == "decode":
             cached = sum(s.num_computed for s in advanced) / len(advanced)
             split["decode_roofline_s"] += predict_step_time(engine.config, roof, len(advanced), round(cached),
