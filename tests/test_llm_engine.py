@@ -102,3 +102,21 @@ def test_cuda_graph_decode_gives_the_eager_engine_tokens(quant_policy):
         assert engine.manager.num_active == 0
     assert outputs[True] == outputs[False]
     assert [len(o) for o in outputs[True]] == [c.max_new_tokens for c in configs]
+
+
+def test_a_quantized_cache_gets_the_models_mean_keys():
+    """quant_policy 4: the engine measures each layer's and KV head's mean key once (seeded
+    random ids beside a random model) and the cache takes it off every key it stores."""
+    from minideploy.cache.kv_cache import key_calibration_windows, mean_keys
+
+    config = ModelConfig(vocab_size=200, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=16, max_position_embeddings=128)
+    loaded = LoadedModel(random_model(config, torch.float32, seed=6), NoTokenizer(), config, source=None)
+    engine = LLMEngine(loaded, EngineConfig(device="cpu", dtype="float32", session_len=96, max_batch_size=2,
+                                            cache_max_entry_count=16, cache_block_seq_len=16, quant_policy=4))
+    expected = mean_keys(loaded.model, key_calibration_windows(NoTokenizer(), config.vocab_size, 96))
+    assert key_calibration_windows(NoTokenizer(), config.vocab_size, 96).shape[1] == 96  # session_len bounds it
+    torch.testing.assert_close(engine.cache.key_means, expected)
+    torch.testing.assert_close(engine.cache.key_shift, (expected @ engine.cache.key_rotation).to(torch.float32))
+    seqs = engine.generate([[5, 6, 7, 8]], [GenerationConfig(max_new_tokens=5, ignore_eos=True)])
+    assert len(seqs[0].payload.output_ids) == 5 and engine.manager.num_active == 0

@@ -5,11 +5,12 @@ import torch
 
 from minideploy.cache.block_manager import BlockManager
 from minideploy import kernels
-from minideploy.cache.kv_cache import PagedKVCache, key_rotation, kv_bytes_per_token, num_blocks_for
+from minideploy.cache.kv_cache import (PagedKVCache, key_calibration_windows, key_rotation, kv_bytes_per_token,
+                                      mean_keys, num_blocks_for)
 from minideploy.config import EngineConfig, ModelConfig
 from minideploy.engine.cuda_graphs import DecodeGraphs
 from minideploy.engine.model_runner import ModelRunner, Row, graph_buckets
-from minideploy.models import ForwardContext, KVCache, random_model
+from minideploy.models import ForwardContext, KVCache, NoTokenizer, random_model
 
 TINY = ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=6,
                    num_kv_heads=2, head_dim=8, max_position_embeddings=256)
@@ -33,13 +34,14 @@ def contiguous_greedy(model, prompt, steps):
     return out
 
 
-def paged_greedy(model, prompts, steps, block_size, num_blocks, quant_policy=0, decode="eager"):
+def paged_greedy(model, prompts, steps, block_size, num_blocks, quant_policy=0, decode="eager",
+                 key_means=None):
     """Prefill one prompt at a time (later ones hit earlier ones' blocks), then decode all together.
 
     decode: "eager" (padded rows), "buffers" (the CUDA-graph buffers, run eagerly; 4 rows in a
     bucket of 8) or "graphs" (the same, captured and replayed)."""
     cache = PagedKVCache(model.config, num_blocks, block_size, model.embed.weight.dtype,
-                         model.embed.weight.device, quant_policy)
+                         model.embed.weight.device, quant_policy, key_means)
     graphs = None
     if decode != "eager":
         max_blocks = -(-64 // block_size)
@@ -94,6 +96,39 @@ def test_paged_greedy_equals_contiguous_on_the_default_model(default_model):
     paged, hits, _ = paged_greedy(default_model.model, prompts, steps=8, block_size=8, num_blocks=32)
     assert paged == [contiguous_greedy(default_model.model, p, 8) for p in prompts]
     assert hits[1] >= 8
+
+
+def test_mean_keys_is_the_mean_of_the_keys_a_paged_cache_stores():
+    model = random_model(TINY, dtype=torch.float32, seed=4)
+    windows = key_calibration_windows(NoTokenizer(), TINY.vocab_size, 24)[:3]
+    cache = PagedKVCache(TINY, 3 * 6, 4, torch.float32, "cpu")
+    manager, runner = BlockManager(3 * 6, 4), ModelRunner(model, cache)
+    for i, ids in enumerate(windows.tolist()):
+        manager.allocate(i, ids)
+        runner.forward([Row(ids, 0, manager.block_table(i))])
+    stored = cache.k.reshape(TINY.num_layers, -1, TINY.num_kv_heads, TINY.head_dim)  # every slot is used
+    torch.testing.assert_close(mean_keys(model, windows), stored.mean(1))
+
+
+def test_int8_cache_without_the_mean_key_gives_the_float_greedy_tokens(default_model):
+    """Each key loses its layer's and head's mean: every score of a query moves by the same
+    q.mean, which softmax ignores (applied to some keys and not to others, or to the
+    queries, it would change the tokens)."""
+    tok, model = default_model.tokenizer, default_model.model
+    means = mean_keys(model, key_calibration_windows(tok, default_model.config.vocab_size, 128)[:1])
+    assert means.shape == (model.config.num_layers, model.config.num_kv_heads, model.config.head_dim)
+    assert means.norm(dim=-1).max() > 1.0  # a real offset (the default model's is ~16 at most)
+    prompts = [tok.encode(q) for q in ("What is a cache?", "Why is the sky blue? Explain it briefly.")]
+    paged, _, _ = paged_greedy(model, prompts, steps=8, block_size=8, num_blocks=32, quant_policy=8,
+                               key_means=means)
+    assert paged == [contiguous_greedy(model, p, 8) for p in prompts]
+
+
+def test_key_means_need_a_quantized_cache_and_the_models_shape():
+    with pytest.raises(ValueError, match="num_layers, num_kv_heads, head_dim"):
+        PagedKVCache(TINY, 4, 4, torch.float32, "cpu", 8, key_means=torch.zeros(2, 6, 8))
+    with pytest.raises(ValueError, match="quantized cache"):
+        PagedKVCache(TINY, 4, 4, torch.float32, "cpu", 0, key_means=torch.zeros(2, 2, 8))
 
 
 @pytest.mark.parametrize("quant_policy", [0, 8])

@@ -5,8 +5,9 @@ Evaluation text: `pydoc_data.topics` sorted by key, from the 41st topic on
 or `--text FILE`. Each window is scored on its own. Rows: float, then RTN and
 AWQ at each setting (default W4 g64, W4 g32, W3 g64; asymmetric, groups along
 in_features, every q/k/v/o/gate/up/down projection); with `--quant-policy 8,4`
-also the float weights over an int8 / int4 KV cache (keys rotated, as the
-engine stores them). AWQ calibrates on the calibration split (about 12 minutes
+also the float weights over an int8 / int4 KV cache, keys rotated after their
+mean key is taken off, as the engine stores them (means from the calibration
+split), and rotated only, to show what the shift buys. AWQ calibrates on the calibration split (about 12 minutes
 per setting on 2 CPU cores with 64 x 512 tokens). Writes figures/ppl.json, or
 figures/ppl_kv.json for `--settings "" --quant-policy 8,4` (the KV rows alone).
 """
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..cache.kv_cache import (KEY_CALIBRATION_LEN, KEY_CALIBRATION_WINDOWS, key_calibration_windows,
+                              mean_keys)
 from ..models import load_model
 from ..quant import fake_quantize_model_
 from ..quant.awq import AWQConfig, awq_search_
@@ -53,17 +56,22 @@ def main(argv=None) -> dict:
     float_state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     rows = []
 
-    def score(method: str, bits=None, group_size=None, kv_policy=0):
+    def score(method: str, bits=None, group_size=None, kv_policy=0, key_means=None):
         start = time.perf_counter()
-        ppl = perplexity(loaded.model, windows, progress=True, quant_policy=kv_policy)
+        ppl = perplexity(loaded.model, windows, progress=True, quant_policy=kv_policy, key_means=key_means)
         rows.append({"method": method, "w_bits": bits, "group_size": group_size, "kv_quant_policy": kv_policy,
-                     "ppl": ppl, "seconds": time.perf_counter() - start})
+                     "kv_key_shift": key_means is not None, "ppl": ppl, "seconds": time.perf_counter() - start})
         print(f"{method:6} {'' if bits is None else f'W{bits} g{group_size}':8} "
-              f"{f'KV int{kv_policy}' if kv_policy else '':8} ppl {ppl:.2f}", flush=True)
+              f"{f'KV int{kv_policy}' if kv_policy else '':8} "
+              f"{'' if key_means is None else 'mean key off':12} ppl {ppl:.2f}", flush=True)
 
     score("float")
+    if kv_policies:
+        key_means = mean_keys(loaded.model, key_calibration_windows(loaded.tokenizer, loaded.config.vocab_size,
+                                                                    args.window_len))
     for policy in kv_policies:
         score("float", kv_policy=policy)
+        score("float", kv_policy=policy, key_means=key_means)
     calib = token_windows(loaded.tokenizer, topics_text("calib"), args.calib_samples, args.calib_seqlen)
     for bits, group_size in settings:
         loaded.model.load_state_dict(float_state, strict=False)
@@ -82,7 +90,9 @@ def main(argv=None) -> dict:
               "text": str(args.text) if args.text else "pydoc_data.topics, sorted keys[40:]",
               "windows": args.windows, "window_len": args.window_len,
               "calibration": {"text": "pydoc_data.topics, sorted keys[:40]", "samples": args.calib_samples,
-                              "seqlen": args.calib_seqlen, "search_samples": args.search_samples},
+                              "seqlen": args.calib_seqlen, "search_samples": args.search_samples,
+                              "kv_key_means": {"windows": KEY_CALIBRATION_WINDOWS,
+                                               "seqlen": min(KEY_CALIBRATION_LEN, args.window_len)}},
               "rows": rows}
     # KV policies alone (--settings "") make a table of their own, beside the weight table.
     name = ("ppl" if settings else "ppl_kv") + ("" if args.text is None else f"_{args.text.stem}")

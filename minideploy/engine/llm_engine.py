@@ -15,6 +15,7 @@ ended by the next step. `session_len` bounds a whole session.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from typing import Optional, Sequence as Seq
 
@@ -22,7 +23,7 @@ import torch
 
 from .. import kernels
 from ..cache.block_manager import BlockManager
-from ..cache.kv_cache import PagedKVCache, num_blocks_for
+from ..cache.kv_cache import PagedKVCache, key_calibration_windows, mean_keys, num_blocks_for
 from ..config import EngineConfig, GenerationConfig
 from ..models import LlamaModel, LoadedModel
 from .cuda_graphs import DecodeGraphs
@@ -31,6 +32,8 @@ from .request import new_request
 from .sampling import sample
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
+
+log = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -47,7 +50,7 @@ class LLMEngine:
                                     max_tokens=engine_config.max_batch_size * self.session_len)
         self.manager = BlockManager(num_blocks, block_size)
         self.cache = PagedKVCache(self.config, num_blocks, block_size, dtype, self.device,
-                                  engine_config.quant_policy)
+                                  engine_config.quant_policy, self._key_means(loaded, engine_config))
         self.runner = ModelRunner(model, self.cache, self._decode_graphs(model, engine_config))
         self.scheduler = Scheduler(self.manager, engine_config.max_batch_size,
                                    max(engine_config.max_prefill_token_num, block_size))
@@ -57,6 +60,17 @@ class LLMEngine:
         self.num_generated = 0    # tokens sampled since start
         self.tokens_computed = 0  # tokens the model ran (prefill + decode), for reports and tests
         self.last_batch = None    # the ScheduledBatch of the last step, for reports
+
+    def _key_means(self, loaded: LoadedModel, engine_config: EngineConfig) -> Optional[torch.Tensor]:
+        """A quantized cache's key shift, measured on calibration text now (a second or two)."""
+        if not engine_config.quant_policy or not isinstance(loaded.model, LlamaModel):
+            return None  # tensor parallel: each rank holds other heads; its keys go unshifted
+        start = time.perf_counter()
+        windows = key_calibration_windows(loaded.tokenizer, self.vocab_config.vocab_size, self.session_len)
+        means = mean_keys(loaded.model, windows)
+        log.info("KV cache: mean keys measured on %d x %d tokens in %.1f s", *windows.shape,
+                 time.perf_counter() - start)
+        return means
 
     def _decode_graphs(self, model, engine_config: EngineConfig) -> Optional[DecodeGraphs]:
         """CUDA graphs of decode steps, captured now (after the cache took its memory)."""

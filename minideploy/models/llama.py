@@ -10,8 +10,9 @@ entry, preallocated once per batch (gpt-fast style). The kernels already see it
 as a paged cache whose blocks are whole rows (slot = row * max_seq_len +
 position; block table of row r = [r]), so chapter 4's paged cache
 (`minideploy.cache.PagedKVCache`) plugs in behind the same calls: `prepare`,
-`store`, `blocks`, `attention_params` and `key_rotation` (an orthogonal matrix
-applied to q and k before the cache, or None); prefill reads a contiguous row
+`store`, `blocks`, `attention_params`, `key_rotation` (an orthogonal matrix
+applied to q and k before the cache, or None) and `key_shift` (per layer, taken
+off the rotated keys); prefill reads a contiguous row
 with `keys_values` (rectangular batches, padded) and a paged sequence with
 `sequence_keys_values` (ragged batches, `ForwardContext.query_lens`).
 """
@@ -66,7 +67,7 @@ class ForwardContext:
 class KVCache:
     """Contiguous K/V storage: [num_layers, max_batch_size, max_seq_len, num_kv_heads, head_dim]."""
 
-    key_rotation = None  # float keys need no rotation (see PagedKVCache)
+    key_rotation = key_shift = None  # float keys need no rotation nor shift (see PagedKVCache)
 
     def __init__(self, config: ModelConfig, max_batch_size: int, max_seq_len: int,
                  dtype: torch.dtype, device: torch.device | str):
@@ -192,8 +193,8 @@ class Attention(nn.Module):
         q = q.reshape(-1, c.num_heads, c.head_dim).contiguous()  # [num_tokens, num_heads, head_dim]
         k = k.reshape(-1, c.num_kv_heads, c.head_dim).contiguous()
         q, k = kernels.rope(q, k, ctx.positions.reshape(-1), cos_sin)
-        if cache.key_rotation is not None:  # q.k is unchanged by rotating both (quantized caches)
-            q, k = q @ cache.key_rotation, k @ cache.key_rotation
+        if cache.key_rotation is not None:  # quantized caches: softmax(q.k) is unchanged (PagedKVCache)
+            q, k = q @ cache.key_rotation, k @ cache.key_rotation - cache.key_shift[self.layer]
         # v stays a strided view of the qkv output: store_kv reads rows with any stride.
         cache.store(self.layer, k, v.view(-1, c.num_kv_heads, c.head_dim), ctx)
         if ctx.query_lens is not None:  # ragged prefill: each sequence over its own keys

@@ -17,14 +17,15 @@ from ..models import ForwardContext, KVCache, LlamaModel
 
 @torch.inference_mode()
 def perplexity(model: LlamaModel, windows: torch.Tensor, progress: bool = False,
-               quant_policy: int = 0, block_size: int = 64) -> float:
-    """windows [num_windows, window] token ids; each window is scored on its own (no carry-over)."""
+               quant_policy: int = 0, block_size: int = 64, key_means: torch.Tensor | None = None) -> float:
+    """windows [num_windows, window] token ids; each window is scored on its own (no carry-over).
+    key_means: the quantized cache's key shift (`cache.kv_cache.mean_keys`)."""
     device, dtype = model.embed.weight.device, model.embed.weight.dtype
     length = windows.shape[1]
     positions = torch.arange(length, device=device)
     if quant_policy:
         num_blocks = -(-length // block_size)
-        cache = PagedKVCache(model.config, num_blocks, block_size, dtype, device, quant_policy)
+        cache = PagedKVCache(model.config, num_blocks, block_size, dtype, device, quant_policy, key_means)
         ctx = ForwardContext(positions[None], length, slots=positions,
                              block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
                              context_lens=torch.tensor([length], dtype=torch.int32, device=device),
