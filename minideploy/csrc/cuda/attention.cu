@@ -32,9 +32,8 @@
 //   128/256/512 bytes). Each lane group keeps an online softmax (running max,
 //   sum and weighted values, as flash attention does) over its share of the
 //   tokens, so K and V are read in the same pass: every step issues the loads
-//   of U key rows and U value rows before using any (U = 8 for one head per
-//   block: 256 bytes in flight per lane, ~2 MB over the GPU for a 7B layer at
-//   batch 1: about DRAM latency x bandwidth). Lane groups merge through shuffles,
+//   of U key rows and U value rows before using any (U = 4 for one head per
+//   block, with 3 blocks an SM: see Tuning). Lane groups merge through shuffles,
 //   warps through shared memory; nothing is sized by the context length.
 //   Split-K (flash-decoding): when the cache can hold more than kPartition tokens
 //   per sequence, grid.z covers the capacity in partitions; each block writes its
@@ -191,8 +190,29 @@ struct DecodeParams {
   float scale;  // softmax scale x log2(e): scores are kept in base 2, weights are exp2f
 };
 
-// Rows in flight per lane group: fewer when many heads share the block (registers).
-template <int HPB> struct RowsInFlight { static constexpr int value = HPB >= 8 ? 2 : HPB >= 4 ? 4 : 8; };
+// Tuning of a partition kernel by heads per block (HPB): U, the rows in flight per lane
+// group, and kMinBlocks, the blocks an SM must fit (__launch_bounds__' second argument,
+// which caps registers at 65536 / (256 threads x blocks)). Bytes in flight per SM are
+// warps x rows x row bytes: more warps with fewer rows each hide the same DRAM latency and
+// also the latency of the arithmetic between loads, which one block's 8 warps did not.
+// Measured on an H100, variants side by side in one run (fraction of read bandwidth):
+//   float, 1 head (MHA):  U 8, registers free (2 blocks) -> U 4, 3 blocks:
+//                         batch 64 x 4k 65% -> 99%, batch 16 x 4k 57% -> 74%, batch 1 x 4k 39% -> 46%
+//   float, 4 heads (GQA): U 4 held to 2 blocks (left free it took more registers and one
+//                         block fit an SM): batch 64 x 4k 51% -> 66%, batch 16 x 4k 40% -> 48%
+//                         (U 2 held to 2 blocks: 58%, 44%; U 8 free: 53%, 41%)
+//   quantized, 1 head:    U 8 (2 blocks) -> U 4, 4 blocks: int8 batch 16 x 4k 48% -> 66%,
+//                         int8 batch 1 x 16k 42% -> 52%, int4 27% -> 33%
+//   quantized, 4+ heads:  U 4, held to 2 blocks (left free they took ~175 registers, one block
+//                         an SM): int8 batch 16 x 4k 16% -> 29%, int4 9% -> 15%
+template <int HPB> struct FloatTuning {
+  static constexpr int U = HPB == 1 ? 4 : HPB >= 8 ? 2 : HPB >= 4 ? 4 : 8;
+  static constexpr int kMinBlocks = HPB == 1 ? 3 : HPB >= 4 ? 2 : 1;
+};
+template <int HPB> struct QuantTuning {
+  static constexpr int U = HPB >= 8 ? 2 : 4;
+  static constexpr int kMinBlocks = HPB == 1 ? 4 : HPB >= 4 ? 2 : 1;
+};
 
 // 2^x in one multi-function-unit instruction (expf is about eight instructions, exp2f
 // five: both handle denormal results, which a softmax weight may as well flush to 0).
@@ -220,7 +240,7 @@ __device__ __forceinline__ float rescale(float x, float max) {
 // rescale. At the end the groups of a warp merge through shuffles, the warps through
 // shared memory.
 template <typename T, int L, int NP, int HPB>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, FloatTuning<HPB>::kMinBlocks)
 decode_attention_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
                         const T* __restrict__ v_cache, const int* __restrict__ block_tables,
                         const int* __restrict__ context_lens, T* __restrict__ out,
@@ -228,7 +248,7 @@ decode_attention_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
                         float* __restrict__ part_sum, DecodeParams p) {
   constexpr int PE = PackSize<T>::value;  // elements per 16-byte pack
   constexpr int E = NP * PE;              // elements of a row per lane
-  constexpr int U = RowsInFlight<HPB>::value;
+  constexpr int U = FloatTuning<HPB>::U;
   constexpr int kRowsPerWarp = kWarpSize / L;
   constexpr int kRowsPerStep = kWarps * kRowsPerWarp;
   extern __shared__ float warp_acc[];  // [kWarps][HPB][head_dim]
@@ -578,8 +598,7 @@ store_kv_quant_kernel(const T* __restrict__ k, const T* __restrict__ v, uint8_t*
 // so the inner loops are one FMA per code as in the float kernel:
 //   q . (c * s + z)       = s * (q . c) + z * sum(q)           (sum(q) once per head)
 //   sum_t p_t (c_t s_t + z_t) = sum_t (p_t s_t) c_t + sum_t p_t z_t  (one scalar per head)
-// U (rows in flight per lane group) is the float kernel's: twice as many made the heads-
-// per-block 8 variant spill at 255 registers and doubled the build time. q's dtype is a
+// U and the blocks per SM are QuantTuning's. q's dtype is a
 // runtime argument (q and the output are touched once per block), which keeps the
 // instantiations to bits x L x heads per block (18), not x 3 dtypes.
 
@@ -632,13 +651,8 @@ __device__ __forceinline__ void unpack_codes(uint32_t c, float (&f)[kCodesPerLoa
   }
 }
 
-template <int HPB> struct QuantRowsInFlight { static constexpr int value = HPB >= 8 ? 2 : HPB >= 4 ? 4 : 8; };
-
-// Blocks of 4+ heads are held to 128 registers a thread, so two blocks share an SM: left
-// free they took ~175, one block (8 warps) an SM, too few to hide the latency of the loads
-// (H200, 32 heads / 8 KV heads, batch 16, 4k tokens: int8 244 -> 172 us, int4 245 -> 170 us).
 template <int Bits, int L, int HPB>
-__global__ void __launch_bounds__(kThreads, HPB >= 4 ? 2 : 1)
+__global__ void __launch_bounds__(kThreads, QuantTuning<HPB>::kMinBlocks)
 decode_attention_quant_kernel(const void* __restrict__ q, const uint8_t* __restrict__ k_cache,
                               const uint8_t* __restrict__ v_cache,
                               const float2* __restrict__ k_params,
@@ -649,7 +663,7 @@ decode_attention_quant_kernel(const void* __restrict__ q, const uint8_t* __restr
                               float* __restrict__ part_sum, DecodeParams p, int dtype) {
   using Pack = typename CodePack<Bits>::type;
   constexpr int E = kCodesPerLoad;  // elements of a row per lane
-  constexpr int U = QuantRowsInFlight<HPB>::value;
+  constexpr int U = QuantTuning<HPB>::U;
   constexpr int kRowsPerWarp = kWarpSize / L;
   constexpr int kRowsPerStep = kWarps * kRowsPerWarp;
   extern __shared__ float warp_acc[];  // [kWarps][HPB][head_dim]
