@@ -277,29 +277,26 @@ def main(argv=None) -> dict:
     if batches:
         roof, _ = measure_roof(device)
         result["roof"] = {"matmul_flops_per_s": roof.peak_flops, "read_bytes_per_s": roof.bandwidth}
-    engine_runs = []
-    for b in batches:
-        engine_runs.append(run_engine(loaded, engine_config(b), workload, roof))
-        print(f"minideploy max batch {b:4}: {engine_runs[-1]['output_tokens_per_s']:8.1f} output tok/s, "
-              f"TTFT p50 {engine_runs[-1]['ttft_s']['p50']:.2f} s, TPOT p50 "
-              f"{1000 * engine_runs[-1]['tpot_s']['p50']:.1f} ms; decode steps {engine_runs[-1]['decode_s']:.1f} s "
-              f"({engine_runs[-1]['decode_fraction_of_roofline']:.0%} of roofline), prefill steps "
-              f"{engine_runs[-1]['prefill_s']:.1f} s", flush=True)
-        if cuda:  # the next engine sizes its cache from the free memory
-            gc.collect()
-            torch.cuda.empty_cache()
-    result["engine"] = merge_runs(result["engine"], engine_runs, "max_batch_size")
-    if args.quant_policy:  # the same engine, its KV cache quantized (more sequences fit)
-        label = f"minideploy KV {KV_FORMATS[args.quant_policy]}"
-        kv_runs = []
+
+    def sweep(label: str, config_of, weights=None) -> list[dict]:
+        """The engine at every max batch size, each run printed as it ends."""
+        runs = []
         for b in batches:
-            kv_runs.append(run_engine(loaded, dataclasses.replace(engine_config(b), quant_policy=args.quant_policy),
-                                      workload, roof))
-            print(f"{label} max batch {b:4}: {kv_runs[-1]['output_tokens_per_s']:8.1f} output tok/s, "
-                  f"{kv_runs[-1]['kv_blocks']} blocks, {kv_runs[-1]['preempted']} preempted", flush=True)
-            if cuda:
+            r = run_engine(loaded, config_of(b), workload, roof, weights)
+            runs.append(r)
+            print(f"{label} max batch {b:4}: {r['output_tokens_per_s']:8.1f} output tok/s, TTFT p50 "
+                  f"{r['ttft_s']['p50']:.2f} s, TPOT p50 {1000 * r['tpot_s']['p50']:.1f} ms; decode steps "
+                  f"{r['decode_s']:.1f} s ({r['decode_fraction_of_roofline']:.0%} of roofline), prefill steps "
+                  f"{r['prefill_s']:.1f} s; {r['kv_blocks']} KV blocks, {r['preempted']} preempted", flush=True)
+            if cuda:  # the next engine sizes its cache from the free memory
                 gc.collect()
                 torch.cuda.empty_cache()
+        return runs
+
+    result["engine"] = merge_runs(result["engine"], sweep("minideploy", engine_config), "max_batch_size")
+    if args.quant_policy:  # the same engine, its KV cache quantized (more sequences fit)
+        label = f"minideploy KV {KV_FORMATS[args.quant_policy]}"
+        kv_runs = sweep(label, lambda b: dataclasses.replace(engine_config(b), quant_policy=args.quant_policy))
         engine_kv = result.setdefault("engine_kv", {})
         engine_kv[label] = merge_runs(engine_kv.get(label, []), kv_runs, "max_batch_size")
     if hf_batches:
@@ -324,8 +321,7 @@ def main(argv=None) -> dict:
     if args.w4 and not cuda:
         quantize_model_(loaded.model, QuantConfig(4, 64))  # RTN in memory: speed does not depend on scales
         w4 = {"weights": "int4", "group_size": 64, "keep_fmt": "fp32"}
-        result["engine_w4"] = {"minideploy W4 g64": [run_engine(loaded, engine_config(b), workload, roof, w4)
-                                                     for b in batches]}
+        result["engine_w4"] = {"minideploy W4 g64": sweep("minideploy W4 g64", engine_config, w4)}
     path = write_result(f"serving_{tag}", result, device)
     plot({**result, "hf_static": done_hf, "device": device_name(device)}, FIGURES / f"serving_{tag}.png")
     print(f"-> {path}")

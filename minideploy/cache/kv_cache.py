@@ -161,8 +161,7 @@ class PagedKVCache:
                                  f"got {list(key_means.shape)}")
             self.key_means = key_means
             means = torch.zeros(expected) if key_means is None else key_means
-            self.key_shift = means.to(device=device, dtype=torch.float32) @ self.key_rotation.float()
-            self.key_shift = self.key_shift.to(dtype)
+            self.key_shift = (means.to(device=device, dtype=torch.float32) @ self.key_rotation.float()).to(dtype)
         elif key_means is not None:
             raise ValueError("key_means shift the keys of a quantized cache: pass quant_policy 8 or 4")
 

@@ -70,16 +70,17 @@ class ModelRunner:
             return self._decode_in_buffers(rows)
         max_blocks = max(len(r.block_table) for r in rows)
         positions = [list(range(r.start, r.start + len(r.token_ids))) for r in rows]
+        kv_lens = tuple(r.start + len(r.token_ids) for r in rows)
         as_tensor = lambda x, dtype: torch.tensor(x, dtype=dtype, device=self.device)  # noqa: E731
         ctx = ForwardContext(
             positions=as_tensor(positions if decode else [[p for pos in positions for p in pos]], torch.long),
-            kv_len=max(r.start + len(r.token_ids) for r in rows),
+            kv_len=max(kv_lens),
             slots=as_tensor([self._slot(r, p) for r, pos in zip(rows, positions) for p in pos], torch.long),
             block_tables=as_tensor([r.block_table + [0] * (max_blocks - len(r.block_table)) for r in rows],
                                    torch.int32),
-            context_lens=as_tensor([r.start + len(r.token_ids) for r in rows], torch.int32),
+            context_lens=as_tensor(kv_lens, torch.int32),
             query_lens=None if decode else tuple(len(r.token_ids) for r in rows),
-            kv_lens=None if decode else tuple(r.start + len(r.token_ids) for r in rows))
+            kv_lens=None if decode else kv_lens)
         ids = [r.token_ids for r in rows] if decode else [[t for r in rows for t in r.token_ids]]
         hidden = self.model(as_tensor(ids, torch.long), ctx, self.cache)  # [batch, 1, H] or [1, tokens, H]
         if decode:
