@@ -10,7 +10,8 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tokens,out_features,in_features",
-                         [(1, 960, 576), (3, 77, 33), (16, 1, 5), (7, 129, 1000), (1, 49152, 576)])
+                         [(1, 960, 576), (3, 77, 33), (16, 1, 5), (7, 129, 1000), (1, 49152, 576), (29, 960, 576),
+                          (32, 50, 1536)])
 def test_linear_matches_reference(dtype, tokens, out_features, in_features):
     x = torch.randn(tokens, in_features).to(dtype)
     w = torch.randn(out_features, in_features).to(dtype)

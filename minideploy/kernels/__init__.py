@@ -29,8 +29,11 @@ ENV_VAR = "MINIDEPLOY_KERNELS"
 MODES = ("auto", "reference", "compiled")
 NORM_ROPE = "norm_rope"  # the extension holding rms_norm, add_rms_norm and rope
 LINEAR = "linear"  # the small-batch linear (GEMV), CPU and CUDA
-# Above this many tokens a linear is a matrix product with weight reuse: BLAS's job.
-GEMV_MAX_TOKENS = 16
+# Above this many tokens a linear is a matrix product with weight reuse: BLAS's job. On 2
+# CPU cores the kernel (csrc/cpu/linear.cpp, version 4) beat torch's BLAS at 1-32 tokens on
+# the default model's shapes (100-125 vs 20-120 GFLOP/s; the LM head 36-95 vs 6-60) and
+# lost to it from 64 on.
+GEMV_MAX_TOKENS = 32
 # On an H100 the CUDA GEMV beat cuBLAS at 1 token (7B decode 163.9 vs 160.1 tok/s) but
 # ran at half its speed at 8 (574 vs 1158 tok/s; figures/decode_h100.json and the commit
 # that added it): each extra row re-reads activations per weight pack. Batch 1 only, then.
@@ -107,7 +110,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [tokens, in] @ weight[out, in]^T -> [tokens, out].
 
-    A decode step (a few tokens) uses the GEMV kernels: on the CPU up to 16
+    A decode step (a few tokens) uses the GEMV kernels: on the CPU up to 32
     tokens in any float dtype; on a GPU one token in fp16/bf16 with 16-byte
     aligned rows (the kernel itself accepts up to 8). Everything else is torch's matmul (cuBLAS on a GPU),
     which is also the reference.
