@@ -241,7 +241,8 @@ def test_store_kv_into_the_contiguous_cache_layout(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 2 * 1536), (7, 2 * 11008), (3, 2 * 5), (0, 64)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 2 * 1536), (7, 2 * 11008), (3, 2 * 5), (2, 2 * 13), (0, 64)],
+                         ids=str)
 def test_silu_and_mul_matches_reference(device, dtype, shape):
     x = (3 * torch.randn(shape)).to(dtype).to(device)
     out = kernels.silu_and_mul(x)
@@ -252,6 +253,15 @@ def test_silu_and_mul_matches_reference(device, dtype, shape):
         # HF's order: silu of the first half times the second half.
         gate, up = x.float().chunk(2, dim=-1)
         assert rel_err(out, gate * torch.sigmoid(gate) * up) <= 2 * RTOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_silu_and_mul_far_out_gates(device):
+    """Gates whose e^-gate overflows or underflows float32 (the CPU kernel clamps its exponent)."""
+    gate = torch.tensor([-1e4, -200.0, -90.0, -88.5, -20.0, 0.0, 20.0, 88.5, 90.0, 200.0, 1e4])
+    x = torch.cat([gate, torch.full_like(gate, 1.5)]).to(device)[None]
+    out = kernels.silu_and_mul(x)
+    assert torch.allclose(out.cpu(), reference.silu_and_mul(x).cpu(), rtol=1e-6, atol=1e-30)
 
 
 # ---------------------------------------------------------------------------

@@ -31,46 +31,17 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
-#if defined(__FMA__)
-#include <immintrin.h>
-#endif
+
+#include "vec8.h"
 
 namespace {
 
-typedef float float8 __attribute__((vector_size(32)));
-constexpr int kLanes = 8;
+using namespace vec8;
+
 constexpr int kTile = 4;  // activation rows per pass over the weight rows
 constexpr int kRows = 3;  // weight rows per pass: kRows x kTile = 12 independent sums
 // Rows per parallel task: a few KB of weights, enough to amortise scheduling.
 constexpr int64_t kRowsPerTask = 36;
-
-template <typename scalar_t>
-inline float8 load8(const scalar_t* p) {
-  float8 v;
-  for (int j = 0; j < kLanes; ++j) v[j] = static_cast<float>(p[j]);
-  return v;
-}
-
-// a * b + c, fused (one rounding) where the CPU has FMA. The build turns off the
-// compiler's own contraction so the other kernels match their references bit for bit.
-inline float8 fma8(float8 a, float8 b, float8 c) {
-#if defined(__FMA__)
-  return (float8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
-#else
-  return a * b + c;
-#endif
-}
-
-// The sum of the 8 lanes, always by the same tree: ((0+4)+(2+6)) + ((1+5)+(3+7)).
-inline float sum8(float8 v) {
-#if defined(__FMA__)
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
-#else
-  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
-#endif
-}
 
 // out[m * out_stride + r] = x[m] . w[r] for R weight rows w[r] = w + r * k_size and T
 // activation rows x[m] = x + m * k_size: R x T independent 8-lane sums, each over k in
@@ -82,9 +53,9 @@ inline void dot_tile(const scalar_t* __restrict x, const scalar_t* __restrict w,
   int64_t k = 0;
   for (; k + kLanes <= k_size; k += kLanes) {
     float8 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = load8(w + r * k_size + k);
+    for (int r = 0; r < R; ++r) wv[r] = to_float8(w + r * k_size + k);
     for (int m = 0; m < T; ++m) {
-      const float8 xv = load8(x + m * k_size + k);
+      const float8 xv = to_float8(x + m * k_size + k);
       for (int r = 0; r < R; ++r) partial[r][m] = fma8(xv, wv[r], partial[r][m]);
     }
   }

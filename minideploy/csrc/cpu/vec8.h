@@ -1,0 +1,83 @@
+// 8-lane float32 vectors for the CPU kernels, in GCC's generic vector type: AVX2
+// registers where the CPU has them (-march=native), plain code elsewhere.
+//
+// The build turns off the compiler's own contraction of a * b + c (-ffp-contract=off),
+// so the norms and RoPE round exactly as their references do; the kernels that only
+// need to be close (matmuls, attention, activations) call fma8 for one rounding and
+// twice the throughput.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#if defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace vec8 {
+
+typedef float float8 __attribute__((vector_size(32)));
+typedef int32_t int8x8 __attribute__((vector_size(32)));
+constexpr int kLanes = 8;
+
+inline float8 load8(const float* p) {
+  float8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store8(float* p, float8 v) { std::memcpy(p, &v, sizeof v); }
+
+// 8 elements of any float type (float, c10::Half, c10::BFloat16) as float32.
+template <typename scalar_t>
+inline float8 to_float8(const scalar_t* p) {
+  float8 v;
+  for (int j = 0; j < kLanes; ++j) v[j] = static_cast<float>(p[j]);
+  return v;
+}
+
+inline float8 splat8(float x) { return float8{} + x; }
+
+// a * b + c, fused (one rounding) where the CPU has FMA.
+inline float8 fma8(float8 a, float8 b, float8 c) {
+#if defined(__FMA__)
+  return (float8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+
+// The sum of the 8 lanes, always by the same tree: ((0+4)+(2+6)) + ((1+5)+(3+7)).
+inline float sum8(float8 v) {
+#if defined(__FMA__)
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+#else
+  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+#endif
+}
+
+// e^x for 8 values at once, where libm's expf is one call per value: x = n ln2 + r
+// with |r| <= ln2/2, e^r by the degree-6 polynomial of Cephes' expf (relative error
+// ~1e-7), times 2^n built in the exponent bits. x is clamped to [-87, 88]: below,
+// e^-87 (1.6e-38) stands for anything smaller; NaN stays NaN.
+inline float8 exp8(float8 x) {
+  x = x < -87.0f ? splat8(-87.0f) : x;
+  x = x > 88.0f ? splat8(88.0f) : x;
+  const float8 magic = splat8(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const float8 shifted = fma8(x, splat8(1.44269504f), magic);
+  const float8 n = shifted - magic;
+  float8 r = fma8(n, splat8(-0.693359375f), x);  // ln2 in two parts: n * ln2_hi is exact
+  r = fma8(n, splat8(2.12194440e-4f), r);
+  float8 poly = splat8(1.9875691500e-4f);
+  poly = fma8(poly, r, splat8(1.3981999507e-3f));
+  poly = fma8(poly, r, splat8(8.3334519073e-3f));
+  poly = fma8(poly, r, splat8(4.1665795894e-2f));
+  poly = fma8(poly, r, splat8(1.6666665459e-1f));
+  poly = fma8(poly, r, splat8(5.0000001201e-1f));
+  poly = fma8(poly, r * r, r + 1.0f);
+  const int8x8 two_n = ((int8x8)shifted - (int8x8)magic + 127) << 23;  // 2^n, n in [-126, 127]
+  return poly * (float8)two_n;
+}
+
+}  // namespace vec8
