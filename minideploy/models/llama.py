@@ -196,9 +196,10 @@ class Attention(nn.Module):
         if cache.key_rotation is not None:  # quantized caches: softmax(q.k) is unchanged (PagedKVCache)
             q, k = q @ cache.key_rotation, k @ cache.key_rotation - cache.key_shift[self.layer]
         # v stays a strided view of the qkv output: store_kv reads rows with any stride.
-        cache.store(self.layer, k, v.view(-1, c.num_kv_heads, c.head_dim), ctx)
+        v = v.view(-1, c.num_kv_heads, c.head_dim)
+        cache.store(self.layer, k, v, ctx)
         if ctx.query_lens is not None:  # ragged prefill: each sequence over its own keys
-            out = ragged_attention(q, cache, self.layer, ctx, gqa=c.num_heads != c.num_kv_heads)
+            out = ragged_attention(q, k, v, cache, self.layer, ctx, gqa=c.num_heads != c.num_kv_heads)
             return self.o(out.reshape(-1, c.q_size))
         if visible is None:  # decode: one query per sequence over its cache
             k_blocks, v_blocks = cache.blocks(self.layer)
@@ -214,14 +215,21 @@ class Attention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(batch * seq, c.q_size))
 
 
-def ragged_attention(q: torch.Tensor, cache, layer: int, ctx: ForwardContext, gqa: bool) -> torch.Tensor:
+def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, layer: int,
+                     ctx: ForwardContext, gqa: bool) -> torch.Tensor:
     """q [num_tokens, num_heads, head_dim] of sequences back to back -> the same shape.
 
-    One SDPA per sequence over the keys its blocks hold (a cached prefix, then the tokens
-    just stored): causal from the prefix's end, so no padding and no batch-wide mask."""
+    One SDPA per sequence, causal from the end of its cached prefix, so no padding and no
+    batch-wide mask. Keys and values come from the sequence's blocks, except where they are
+    exactly the k, v [num_tokens, num_kv_heads, head_dim] just computed: no cached prefix and
+    a float cache (no gather). A quantized cache is always read back, so a prompt sees the
+    rounded keys whether it runs in a batch or alone through the decode kernel."""
     out, start = torch.empty_like(q), 0
     for i, (n, kv_len) in enumerate(zip(ctx.query_lens, ctx.kv_lens)):
-        keys, values = cache.sequence_keys_values(layer, ctx.block_tables[i], kv_len)  # [kv_len, kv_heads, dim]
+        if n == kv_len and not cache.quant_policy:
+            keys, values = k[start:start + n], v[start:start + n]
+        else:
+            keys, values = cache.sequence_keys_values(layer, ctx.block_tables[i], kv_len)  # [kv_len, ...]
         causal, mask = n == kv_len, None
         if not causal:  # query j sits at position kv_len - n + j and sees keys up to it
             mask = (torch.arange(kv_len, device=q.device)[None, :]
