@@ -129,7 +129,7 @@ def num_blocks_for(config: ModelConfig, engine: EngineConfig, dtype: torch.dtype
 
 
 class PagedKVCache:
-    """The model's cache interface (prepare / store / blocks / sequence_keys_values) over blocks."""
+    """The model's cache interface (prepare / store / blocks / sequences_keys_values) over blocks."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str, quant_policy: int = 0, key_means: torch.Tensor | None = None):
@@ -202,18 +202,25 @@ class PagedKVCache:
         """Extra arguments decode attention needs for this layer (the quantization parameters)."""
         return self._params(layer)
 
-    def sequence_keys_values(self, layer: int, block_table: torch.Tensor,
-                             kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One sequence's keys and values 0..kv_len-1, [kv_len, num_kv_heads, head_dim] in the
-        model dtype, gathered from its blocks (prefill; dequantized if the cache is quantized)."""
-        blocks = block_table[:-(-kv_len // self.block_size)].long()
-        out = []
+    def sequences_keys_values(self, layer: int, block_tables: torch.Tensor, kv_lens: tuple[int, ...],
+                              which: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values 0..kv_lens[i]-1 of each sequence i in `which` (row i of block_tables),
+        {i: ([kv_len, num_kv_heads, head_dim], same)} in the model dtype (prefill). One gather,
+        and one dequantization if the cache is quantized, over all their blocks: per sequence,
+        a batch of hundreds of prompts paid hundreds of small launches a layer."""
+        counts = [-(-kv_lens[i] // self.block_size) for i in which]
+        blocks = torch.cat([block_tables[i, :n] for i, n in zip(which, counts)]).long()
+        flat = []
         for cache, params in ((self.k[layer], self.k_params), (self.v[layer], self.v_params)):
             gathered = cache[blocks]  # [blocks, block_size, heads, dim or codes]
             if params is not None:
                 gathered = kernels.dequantize_kv(gathered, params[layer][blocks], self.config.head_dim)
-            out.append(gathered.flatten(0, 1)[:kv_len].to(self.dtype))
-        return out[0], out[1]
+            flat.append(gathered.flatten(0, 1).to(self.dtype))
+        out, start = {}, 0
+        for i, n in zip(which, counts):
+            out[i] = (flat[0][start:start + kv_lens[i]], flat[1][start:start + kv_lens[i]])
+            start += n * self.block_size
+        return out
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: block dst of every layer becomes a copy of block src."""

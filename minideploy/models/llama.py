@@ -14,7 +14,7 @@ position; block table of row r = [r]), so chapter 4's paged cache
 applied to q and k before the cache, or None) and `key_shift` (per layer, taken
 off the rotated keys); prefill reads a contiguous row
 with `keys_values` (rectangular batches, padded) and a paged sequence with
-`sequence_keys_values` (ragged batches, `ForwardContext.query_lens`).
+`sequences_keys_values` (ragged batches, `ForwardContext.query_lens`).
 """
 from __future__ import annotations
 
@@ -224,12 +224,12 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, l
     exactly the k, v [num_tokens, num_kv_heads, head_dim] just computed: no cached prefix and
     a float cache (no gather). A quantized cache is always read back, so a prompt sees the
     rounded keys whether it runs in a batch or alone through the decode kernel."""
+    fresh = [n == kv_len and not cache.quant_policy for n, kv_len in zip(ctx.query_lens, ctx.kv_lens)]
+    read = [i for i, f in enumerate(fresh) if not f]
+    stored = cache.sequences_keys_values(layer, ctx.block_tables, ctx.kv_lens, read) if read else {}
     out, start = torch.empty_like(q), 0
     for i, (n, kv_len) in enumerate(zip(ctx.query_lens, ctx.kv_lens)):
-        if n == kv_len and not cache.quant_policy:
-            keys, values = k[start:start + n], v[start:start + n]
-        else:
-            keys, values = cache.sequence_keys_values(layer, ctx.block_tables[i], kv_len)  # [kv_len, ...]
+        keys, values = (k[start:start + n], v[start:start + n]) if fresh[i] else stored[i]
         causal, mask = n == kv_len, None
         if not causal:  # query j sits at position kv_len - n + j and sees keys up to it
             mask = (torch.arange(kv_len, device=q.device)[None, :]
