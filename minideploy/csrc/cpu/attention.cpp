@@ -213,7 +213,7 @@ void decode_attention_impl(const scalar_t* q, const cache_t* k_cache, const cach
   const int64_t grain = std::max<int64_t>(1, kMinTaskWork / task_work);
 
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    // Per-thread scratch, float32: queries, accumulators, one chunk of scores, a row.
+    // Per-thread scratch, float32: queries, accumulators, one chunk of scores and rows.
     std::vector<float> qf(group * hd), acc(group * hd), scores(group * kChunk);
     std::vector<float> k_rows(kChunk * hd), v_rows(kChunk * hd);  // converted rows of a chunk
     const float* kf[kChunk];
@@ -255,7 +255,7 @@ void decode_attention_impl(const scalar_t* q, const cache_t* k_cache, const cach
           for (int64_t i = 1; i < n; ++i) chunk_max = std::max(chunk_max, sc[i]);
           const float new_max = std::max(run_max[g], chunk_max);
           const float alpha = std::exp(run_max[g] - new_max);  // 0 on the first chunk
-          // Whole vectors: the lanes past n are scores of an earlier chunk, never read.
+          // Whole vectors: the lanes past n hold whatever earlier work left there, never read.
           for (int64_t i = 0; i < n; i += kLanes) store8(sc + i, exp8(load8(sc + i) - new_max));
           float sum = run_sum[g] * alpha;
           for (int64_t i = 0; i < n; ++i) sum += sc[i];
