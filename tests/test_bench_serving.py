@@ -1,8 +1,9 @@
 """The serving benchmark's bookkeeping: static-batching timelines rebuilt from batch
 durations, and baselines timed in parts merged into one run."""
 import pytest
+import torch
 
-from minideploy.bench.serving import Request, merge_runs, static_timeline
+from minideploy.bench.serving import Request, merge_runs, run_hf_static, static_timeline
 
 WORK = [Request([1], 4, 0.0), Request([1], 2, 0.0), Request([1], 3, 5.0)]
 
@@ -29,3 +30,22 @@ def test_a_new_engine_run_replaces_the_old_one_of_the_same_batch_size():
     merged = merge_runs(old, [{"max_batch_size": 4, "tok": 3}, {"max_batch_size": 16, "tok": 4}], "max_batch_size")
     assert merged == [{"max_batch_size": 4, "tok": 3}, {"max_batch_size": 8, "tok": 2},
                       {"max_batch_size": 16, "tok": 4}]
+
+
+class RecordingModel:
+    """Stands in for a transformers model: records the shape of every generate call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, ids, attention_mask, max_new_tokens, **kwargs):
+        self.calls.append((tuple(ids.shape), max_new_tokens))
+
+
+def test_the_static_baseline_warms_up_on_its_first_batch_untimed():
+    work = [Request([1, 2, 3], 4, 0.0), Request([1], 2, 0.0), Request([5, 6], 3, 0.0)]
+    hf = RecordingModel()
+    run = run_hf_static(hf, work, batch_size=2, device=torch.device("cpu"), which=slice(1, 2))
+    # the warm-up is batch 1 (2 prompts, left-padded to 3, 4 new tokens); then only batch 2 is timed
+    assert hf.calls == [((2, 3), 4), ((1, 2), 3)]
+    assert run["batch_seconds"][0] is None and run["batch_seconds"][1] >= 0
