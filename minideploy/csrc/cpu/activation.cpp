@@ -11,8 +11,9 @@
 // spends two passes and an intermediate tensor on it (silu, then mul). One pass
 // reads gate and up once and writes the product, taking e^-gate 8 at a time
 // (vec8.h's exp8: libm's expf, one call per element, made the pass compute-bound:
-// 0.55 s of a 10 s prefill of 4608 tokens of the default model on 2 cores). Rows are split over OpenMP
-// threads only when there are enough of them to pay for waking the threads.
+// 0.55 s of a 10 s prefill of 4608 tokens of the default model on 2 cores).
+// Rows are split over OpenMP threads only when there are enough of them to pay
+// for waking the threads.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>

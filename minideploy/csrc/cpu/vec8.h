@@ -3,8 +3,8 @@
 //
 // The build turns off the compiler's own contraction of a * b + c (-ffp-contract=off),
 // so the norms and RoPE round exactly as their references do; the kernels that only
-// need to be close (matmuls, attention, activations) call fma8 for one rounding and
-// twice the throughput.
+// need to be close (matmuls, attention, activations) call fma8: one instruction and
+// one rounding where a multiply and an add were two of each.
 #pragma once
 
 #include <cstdint>
@@ -16,7 +16,7 @@
 namespace vec8 {
 
 typedef float float8 __attribute__((vector_size(32)));
-typedef int32_t int8x8 __attribute__((vector_size(32)));
+typedef int32_t int32x8 __attribute__((vector_size(32)));
 constexpr int kLanes = 8;
 
 inline float8 load8(const float* p) {
@@ -76,7 +76,7 @@ inline float8 exp8(float8 x) {
   poly = fma8(poly, r, splat8(1.6666665459e-1f));
   poly = fma8(poly, r, splat8(5.0000001201e-1f));
   poly = fma8(poly, r * r, r + 1.0f);
-  const int8x8 two_n = ((int8x8)shifted - (int8x8)magic + 127) << 23;  // 2^n, n in [-126, 127]
+  const int32x8 two_n = ((int32x8)shifted - (int32x8)magic + 127) << 23;  // 2^n, n in [-126, 127]
   return poly * (float8)two_n;
 }
 
