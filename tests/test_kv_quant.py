@@ -203,9 +203,11 @@ def test_decode_attention_quantized_matches_reference(device, bits, head_dim, gr
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kv_heads,group,head_dim",
-                         [(2, 3, 64), (1, 8, 128), (2, 12, 128), (1, 5, 72), (3, 2, 256), (2, 1, 8), (4, 7, 32)])
+                         [(2, 3, 64), (1, 8, 128), (2, 12, 128), (1, 5, 72), (3, 2, 256), (2, 1, 8), (4, 7, 32),
+                          (1, 1, 256), (3, 1, 48), (2, 1, 40)])
 def test_decode_attention_quantized_dtypes_and_shapes(device, bits, dtype, kv_heads, group, head_dim):
-    """Every activation dtype; groups beyond 8, odd pack counts, the largest and smallest head_dim."""
+    """Every activation dtype; groups beyond 8, odd pack counts, the largest and smallest head_dim;
+    one head a group with head_dim a multiple of 16 (16 codes a lane) and not (8 codes)."""
     args = paged_quant([3, 600, 129, 1], 32, kv_heads, group, head_dim, dtype, device, bits, seed=7)
     q, kc, vc, tables, lens, kp, vp = args
     out = kernels.decode_attention(q, kc, vc, tables, lens, 0.1, kp, vp)
@@ -217,8 +219,9 @@ def test_decode_attention_quantized_dtypes_and_shapes(device, bits, dtype, kv_he
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("lens", [[1, 7, 64, 65, 511, 512], [512, 513, 1024, 1025, 1536, 2047]],
                          ids=["one-partition", "partition-edges"])
-def test_decode_attention_quantized_partition_boundaries(device, bits, lens):
-    args = paged_quant(lens, 16, 2, 4, 128, torch.bfloat16, device, bits, seed=3, spare_blocks=0)
+@pytest.mark.parametrize("group", [1, 4])
+def test_decode_attention_quantized_partition_boundaries(device, bits, lens, group):
+    args = paged_quant(lens, 16, 2, group, 128, torch.bfloat16, device, bits, seed=3, spare_blocks=0)
     q, kc, vc, tables, lens, kp, vp = args
     out = kernels.decode_attention(q, kc, vc, tables, lens, 0.125, kp, vp)
     ref = reference.decode_attention(q, kc, vc, tables, lens, 0.125, kp, vp)
@@ -227,10 +230,11 @@ def test_decode_attention_quantized_partition_boundaries(device, bits, lens):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits", BITS)
-def test_decode_attention_quantized_reads_only_the_sequences_rows(device, bits):
+@pytest.mark.parametrize("group", [1, 2])
+def test_decode_attention_quantized_reads_only_the_sequences_rows(device, bits, group):
     """Empty sequences give zeros; NaN params in blocks outside the tables and in the slots
     past each length change nothing."""
-    args = paged_quant([9, 0, 40], 8, 2, 2, 64, torch.float16, device, bits, spare_blocks=4)
+    args = paged_quant([9, 0, 40], 8, 2, group, 64, torch.float16, device, bits, spare_blocks=4)
     q, kc, vc, tables, lens, kp, vp = args
     ref = reference.decode_attention(q, kc, vc, tables, lens, 0.125, kp, vp)
     listed = set(tables[tables >= 0].tolist())

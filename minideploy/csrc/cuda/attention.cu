@@ -203,14 +203,17 @@ struct DecodeParams {
 //                         (U 2 held to 2 blocks: 58%, 44%; U 8 free: 53%, 41%)
 //   quantized, 1 head:    U 8 (2 blocks) -> U 4, 4 blocks: int8 batch 16 x 4k 48% -> 66%,
 //                         int8 batch 1 x 16k 42% -> 52%, int4 27% -> 33%
+//                         16 codes a lane (E, see CodePack) instead of 8, U 2, 4 blocks: int8
+//                         batch 64 x 4k 70% -> 81%, batch 256 x 1k 68% -> 80%, int4 34% -> 44%
+//                         (3 blocks: 76%, 73%; U 4 held to 2 blocks: 60%, 57%)
 //   quantized, 4+ heads:  U 4, held to 2 blocks (left free they took ~175 registers, one block
 //                         an SM): int8 batch 16 x 4k 16% -> 29%, int4 9% -> 15%
 template <int HPB> struct FloatTuning {
   static constexpr int U = HPB == 1 ? 4 : HPB >= 8 ? 2 : HPB >= 4 ? 4 : 8;
   static constexpr int kMinBlocks = HPB == 1 ? 3 : HPB >= 4 ? 2 : 1;
 };
-template <int HPB> struct QuantTuning {
-  static constexpr int U = HPB >= 8 ? 2 : 4;
+template <int HPB, int E> struct QuantTuning {
+  static constexpr int U = E == 16 ? 2 : HPB >= 8 ? 2 : 4;
   static constexpr int kMinBlocks = HPB == 1 ? 4 : HPB >= 4 ? 2 : 1;
 };
 
@@ -592,15 +595,17 @@ store_kv_quant_kernel(const T* __restrict__ k, const T* __restrict__ v, uint8_t*
 // ---------------------------------------------------------------------------
 //
 // The same partition kernel as above (lane groups, U rows in flight, online softmax,
-// split-K with the same reduce kernel), reading codes: a lane loads 8 codes at a time
-// (int8: 8 bytes, int4: 4 bytes), so a lane holds 8 elements of q and of the output for
-// every head_dim (L = head_dim / 8 lanes a row). Dequantization is folded into the sums,
-// so the inner loops are one FMA per code as in the float kernel:
+// split-K with the same reduce kernel), reading codes: a lane loads E codes at a time and
+// holds E elements of q and of the output per head (L = head_dim / E lanes a row). E is 16
+// for one head a block (MHA): against 8, it halves the load instructions and the shuffle
+// steps of each score's sum per code; with 4 or 8 heads a block 16 would not fit the
+// registers. Dequantization is folded into the sums, so the inner loops are one FMA per
+// code as in the float kernel:
 //   q . (c * s + z)       = s * (q . c) + z * sum(q)           (sum(q) once per head)
 //   sum_t p_t (c_t s_t + z_t) = sum_t (p_t s_t) c_t + sum_t p_t z_t  (one scalar per head)
 // U and the blocks per SM are QuantTuning's. q's dtype is a
 // runtime argument (q and the output are touched once per block), which keeps the
-// instantiations to bits x L x heads per block (18), not x 3 dtypes.
+// instantiations to bits x (E, L, heads per block) (24), not x 3 dtypes.
 
 enum QDType : int { kQFloat = 0, kQHalf = 1, kQBFloat16 = 2 };
 
@@ -620,39 +625,49 @@ __device__ __forceinline__ void store_out(void* p, int64_t i, float v, int dtype
   }
 }
 
-constexpr int kCodesPerLoad = 8;
-template <int Bits> struct CodePack;  // 8 codes: uint2 (int8) or uint32_t (int4)
-template <> struct CodePack<8> { using type = uint2; };
-template <> struct CodePack<4> { using type = uint32_t; };
+// A lane loads E codes of a row at once (E * Bits / 8 bytes): 16 where a lane's registers
+// hold one head (MHA), else 8 (a lane keeps E elements of q and of the output per head).
+template <int Bits, int E> struct CodePack;
+template <> struct CodePack<8, 8> { using type = uint2; };
+template <> struct CodePack<8, 16> { using type = uint4; };
+template <> struct CodePack<4, 8> { using type = uint32_t; };
+template <> struct CodePack<4, 16> { using type = uint2; };
 
-// int8: one byte-to-float conversion per code (I2F.U8 reads the byte in place). Building
-// the float from the bits instead (byte permute + subtract, as int4 does below) made the
-// MHA kernel ~30% slower on an H100 (34% -> 48% of bandwidth back with I2F): two instructions
-// where one was.
-__device__ __forceinline__ void unpack_codes(const uint2& c, float (&f)[kCodesPerLoad]) {
+// int4 codes become floats without the int->float conversion (a quarter of the FMA rate
+// here): a nibble c under the bits 0x6400 is the half 1024 + c exactly, two to a word
+// (nibbles i and i + 4 of a word in one mask-and-or), and a half->float conversion is a
+// full-rate instruction. The kernel takes c + kCodeOffset for c: it subtracts the offset
+// times the scale from the zero point once a row (q . (c + 1024) s = q . c s + 1024 s sum(q)).
+// For int8 the same trick (byte permute, two codes a word) measured slower than I2F.U8,
+// which converts a byte in place (batch 64 x 4k: 76% -> 73% of bandwidth; an earlier
+// float version, permute + subtract, lost 30%).
+template <int Bits> struct CodeOffset;
+template <> struct CodeOffset<8> { static constexpr float value = 0.0f; };
+template <> struct CodeOffset<4> { static constexpr float value = 1024.0f; };
+
+template <int Bits, int E, typename Pack>
+__device__ __forceinline__ void unpack_codes(const Pack& c, float (&f)[E]) {
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(&c);
+  constexpr int kPerWord = 32 / Bits;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[i] = static_cast<float>((c.x >> (8 * i)) & 0xFFu);
-    f[4 + i] = static_cast<float>((c.y >> (8 * i)) & 0xFFu);
+  for (int i = 0; i < E / kPerWord; ++i) {
+    float* g = f + i * kPerWord;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if constexpr (Bits == 8) {
+        g[j] = static_cast<float>((w[i] >> (8 * j)) & 0xFFu);
+      } else {  // little-endian: nibble j of the word is element j
+        const uint32_t halves = ((w[i] >> (4 * j)) & 0x000F000Fu) | 0x64006400u;
+        const float2 pair = __half22float2(*reinterpret_cast<const __half2*>(&halves));
+        g[j] = pair.x;
+        g[j + 4] = pair.y;
+      }
+    }
   }
 }
 
-// int4 without the int->float conversion (a quarter of the FMA rate here): a code c in the
-// low mantissa bits of 2^23 (bits 0x4B000000) is the float 2^23 + c exactly, and one
-// subtraction leaves c; shift, mask-and-or (one LOP3) and a full-rate add per code.
-constexpr uint32_t kMagicBits = 0x4B000000u;  // 2^23 as a float
-constexpr float kMagic = 8388608.0f;
-
-// Little-endian: nibble i of the word is element i (byte j = elements 2j low, 2j+1 high).
-__device__ __forceinline__ void unpack_codes(uint32_t c, float (&f)[kCodesPerLoad]) {
-#pragma unroll
-  for (int i = 0; i < kCodesPerLoad; ++i) {
-    f[i] = __uint_as_float(((c >> (4 * i)) & 0xFu) | kMagicBits) - kMagic;
-  }
-}
-
-template <int Bits, int L, int HPB>
-__global__ void __launch_bounds__(kThreads, QuantTuning<HPB>::kMinBlocks)
+template <int Bits, int E, int L, int HPB>
+__global__ void __launch_bounds__(kThreads, QuantTuning<HPB, E>::kMinBlocks)
 decode_attention_quant_kernel(const void* __restrict__ q, const uint8_t* __restrict__ k_cache,
                               const uint8_t* __restrict__ v_cache,
                               const float2* __restrict__ k_params,
@@ -661,9 +676,9 @@ decode_attention_quant_kernel(const void* __restrict__ q, const uint8_t* __restr
                               const int* __restrict__ context_lens, void* __restrict__ out,
                               float* __restrict__ part_out, float* __restrict__ part_max,
                               float* __restrict__ part_sum, DecodeParams p, int dtype) {
-  using Pack = typename CodePack<Bits>::type;
-  constexpr int E = kCodesPerLoad;  // elements of a row per lane
-  constexpr int U = QuantTuning<HPB>::U;
+  using Pack = typename CodePack<Bits, E>::type;
+  constexpr int U = QuantTuning<HPB, E>::U;
+  constexpr float kOffset = CodeOffset<Bits>::value;
   constexpr int kRowsPerWarp = kWarpSize / L;
   constexpr int kRowsPerStep = kWarps * kRowsPerWarp;
   extern __shared__ float warp_acc[];  // [kWarps][HPB][head_dim]
@@ -695,7 +710,7 @@ decode_attention_quant_kernel(const void* __restrict__ q, const uint8_t* __restr
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int li = lane % L;
   const int row_in_warp = lane / L;
-  const int packs = p.head_dim / kCodesPerLoad;  // <= L
+  const int packs = p.head_dim / E;  // <= L
   const int64_t row_bytes = static_cast<int64_t>(p.head_dim) * Bits / 8;
   const int* table = block_tables + static_cast<int64_t>(b) * p.max_blocks;
 
@@ -750,12 +765,14 @@ decode_attention_quant_kernel(const void* __restrict__ q, const uint8_t* __restr
       vc[u] = load ? __ldg(reinterpret_cast<const Pack*>(v_cache + row * row_bytes) + li) : Pack{};
       kp[u] = valid[u] ? __ldg(k_params + row) : make_float2(0.0f, 0.0f);
       vp[u] = valid[u] ? __ldg(v_params + row) : make_float2(0.0f, 0.0f);
+      kp[u].y = fmaf(-kOffset, kp[u].x, kp[u].y);  // the zero point of c + kOffset
+      vp[u].y = fmaf(-kOffset, vp[u].x, vp[u].y);
     }
     float score[U][HPB];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       float kf[E];
-      unpack_codes(kc[u], kf);
+      unpack_codes<Bits, E>(kc[u], kf);
 #pragma unroll
       for (int h = 0; h < HPB; ++h) {
         float dot = 0.0f;
@@ -789,7 +806,7 @@ decode_attention_quant_kernel(const void* __restrict__ q, const uint8_t* __restr
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       float vf[E];
-      unpack_codes(vc[u], vf);
+      unpack_codes<Bits, E>(vc[u], vf);
 #pragma unroll
       for (int h = 0; h < HPB; ++h) {
         const float w = score[u][h] * vp[u].x;
@@ -1248,40 +1265,54 @@ struct QuantBuffers {
   int dtype;
 };
 
-template <int Bits, int L, int HPB>
+template <int Bits, int E, int L, int HPB>
 void launch_decode_quant(const QuantBuffers& d, const DecodeParams& p, int64_t batch,
                          cudaStream_t stream) {
   const int head_blocks = (p.group + HPB - 1) / HPB;
   const dim3 grid(static_cast<unsigned>(p.kv_heads * head_blocks), static_cast<unsigned>(batch),
                   static_cast<unsigned>(p.num_parts));
-  decode_attention_quant_kernel<Bits, L, HPB><<<grid, kThreads, shared_bytes(HPB, p.head_dim), stream>>>(
+  decode_attention_quant_kernel<Bits, E, L, HPB><<<grid, kThreads, shared_bytes(HPB, p.head_dim), stream>>>(
       d.q, d.k, d.v, d.k_params, d.v_params, d.tables, d.lens, d.out, d.po, d.pm, d.ps, p, d.dtype);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Heads per block from the group size (1, else 4, else 8), lanes per row from head_dim / 8.
-template <int Bits, int L>
+// Heads per block from the group size (1, else 4, else 8); 16 codes a lane for one head
+// where head_dim allows (a multiple of 16), else 8; lanes per row from head_dim / codes.
+template <int Bits, int E, int L>
 void launch_decode_quant_heads(const QuantBuffers& d, const DecodeParams& p, int64_t batch,
                                cudaStream_t stream) {
-  if (p.group == 1) {
-    launch_decode_quant<Bits, L, 1>(d, p, batch, stream);
+  if constexpr (E == 16) {
+    launch_decode_quant<Bits, 16, L, 1>(d, p, batch, stream);
+  } else if (p.group == 1) {
+    launch_decode_quant<Bits, 8, L, 1>(d, p, batch, stream);
   } else if (p.group <= 4 || shared_bytes(8, p.head_dim) > kMaxSharedBytes) {
-    launch_decode_quant<Bits, L, 4>(d, p, batch, stream);
+    launch_decode_quant<Bits, 8, L, 4>(d, p, batch, stream);
   } else {
-    launch_decode_quant<Bits, L, 8>(d, p, batch, stream);
+    launch_decode_quant<Bits, 8, L, 8>(d, p, batch, stream);
   }
 }
 
 template <int Bits>
 void launch_decode_quant_rows(const QuantBuffers& d, const DecodeParams& p, int64_t batch,
                               cudaStream_t stream) {
-  const int packs = p.head_dim / kCodesPerLoad;
+  if (p.group == 1 && p.head_dim % 16 == 0) {
+    const int packs = p.head_dim / 16;
+    if (packs <= 4) {
+      launch_decode_quant_heads<Bits, 16, 4>(d, p, batch, stream);
+    } else if (packs <= 8) {
+      launch_decode_quant_heads<Bits, 16, 8>(d, p, batch, stream);
+    } else {
+      launch_decode_quant_heads<Bits, 16, 16>(d, p, batch, stream);
+    }
+    return;
+  }
+  const int packs = p.head_dim / 8;
   if (packs <= 8) {
-    launch_decode_quant_heads<Bits, 8>(d, p, batch, stream);
+    launch_decode_quant_heads<Bits, 8, 8>(d, p, batch, stream);
   } else if (packs <= 16) {
-    launch_decode_quant_heads<Bits, 16>(d, p, batch, stream);
+    launch_decode_quant_heads<Bits, 8, 16>(d, p, batch, stream);
   } else {
-    launch_decode_quant_heads<Bits, 32>(d, p, batch, stream);
+    launch_decode_quant_heads<Bits, 8, 32>(d, p, batch, stream);
   }
 }
 
