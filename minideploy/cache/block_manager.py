@@ -54,6 +54,7 @@ class Allocation:
     blocks: list[int] = field(default_factory=list)
     num_tokens: int = 0  # tokens the blocks have room reserved for
     num_hashed: int = 0  # leading blocks whose hash is known (committed or prefix hits)
+    last_hash: Optional[int] = None  # chained hash of block num_hashed - 1 (None: no block yet)
 
 
 class BlockManager:
@@ -109,10 +110,11 @@ class BlockManager:
         return blocks[position // self.block_size] * self.block_size + position % self.block_size
 
     # ---- prefix matching -----------------------------------------------------------------
-    def _chain(self, token_ids: Sequence[int], num_blocks: int):
-        """(hash, tokens) of the first `num_blocks` full blocks of `token_ids`."""
-        parent = None
-        for i in range(num_blocks):
+    def _chain(self, token_ids: Sequence[int], num_blocks: int, start: int = 0,
+               parent: Optional[int] = None):
+        """(hash, tokens) of full blocks start .. num_blocks - 1 of `token_ids`; `parent` is
+        the hash of block start - 1."""
+        for i in range(start, num_blocks):
             tokens = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
             parent = hash((parent, tokens))
             yield parent, tokens
@@ -168,7 +170,8 @@ class BlockManager:
         for block_id in hits:
             self._hold(block_id)
         blocks = hits + [self._take() for _ in range(self.blocks_for(len(token_ids)) - len(hits))]
-        self.allocations[seq_id] = Allocation(blocks, len(token_ids), num_hashed=len(hits))
+        last_hash = self.blocks[hits[-1]].hash if hits else None
+        self.allocations[seq_id] = Allocation(blocks, len(token_ids), len(hits), last_hash)
         cached_tokens = len(hits) * self.block_size
         self.prefix_hit_tokens += cached_tokens
         return cached_tokens
@@ -208,20 +211,20 @@ class BlockManager:
         return copies
 
     def commit(self, seq_id, token_ids: Sequence[int]) -> None:
-        """The model has written K/V for `token_ids` (the sequence so far): name its full
-        blocks by their chained hash, so later sequences can share them."""
+        """The model has written K/V for `token_ids` (the sequence so far): name its newly
+        full blocks by their chained hash, so later sequences can share them. The chain goes
+        on from the last named block: a decode step hashes a block once, when it fills."""
         if not self.enable_prefix_caching:
             return
         alloc = self.allocations[seq_id]
         full = min(len(token_ids) // self.block_size, len(alloc.blocks))
-        for i, (h, tokens) in enumerate(self._chain(token_ids, full)):
-            if i < alloc.num_hashed:
-                continue
+        chain = self._chain(token_ids, full, alloc.num_hashed, alloc.last_hash)
+        for i, (h, tokens) in enumerate(chain, start=alloc.num_hashed):
             block = self.blocks[alloc.blocks[i]]
             if block.hash is None and h not in self.hash_to_block:
                 block.hash, block.token_ids = h, tokens
                 self.hash_to_block[h] = block.block_id
-        alloc.num_hashed = max(alloc.num_hashed, full)
+            alloc.num_hashed, alloc.last_hash = i + 1, h
 
     def fork(self, parent_id, child_id) -> None:
         """The child shares every block of the parent (parallel sampling): copy-on-write later."""
@@ -230,7 +233,8 @@ class BlockManager:
         parent = self.allocations[parent_id]
         for block_id in parent.blocks:
             self._hold(block_id)
-        self.allocations[child_id] = Allocation(list(parent.blocks), parent.num_tokens, parent.num_hashed)
+        self.allocations[child_id] = Allocation(list(parent.blocks), parent.num_tokens, parent.num_hashed,
+                                                parent.last_hash)
 
     def free(self, seq_id) -> None:
         """Release a finished, aborted or preempted sequence's blocks (last block first, so

@@ -98,9 +98,9 @@ class ModelRunner:
             raise ValueError(f"a block table is longer than the {max_blocks} blocks the decode buffers hold "
                              "(session_len / cache_block_seq_len)")
         pad = bucket - batch
-        tables = torch.zeros(bucket, max_blocks, dtype=torch.int32)
-        for i, r in enumerate(rows):
-            tables[i, :len(r.block_table)] = torch.tensor(r.block_table, dtype=torch.int32)
+        # One tensor from nested lists: a tensor per row cost ~20 us each (5 ms at batch 256).
+        tables = torch.tensor([r.block_table + [0] * (max_blocks - len(r.block_table)) for r in rows]
+                              + [[0] * max_blocks] * pad, dtype=torch.int32)
         g.input_ids[:bucket, 0].copy_(torch.tensor([r.token_ids[0] for r in rows] + [0] * pad))
         g.positions[:bucket, 0].copy_(torch.tensor([r.start for r in rows] + [0] * pad))
         g.slots[:bucket].copy_(torch.tensor([self._slot(r, r.start) for r in rows] + [-1] * pad))
