@@ -208,13 +208,19 @@ struct DecodeParams {
 //                         (3 blocks: 76%, 73%; U 4 held to 2 blocks: 60%, 57%)
 //   quantized, 4+ heads:  U 4, held to 2 blocks (left free they took ~175 registers, one block
 //                         an SM): int8 batch 16 x 4k 16% -> 29%, int4 9% -> 15%
+//   quantized, GQA as 2 heads a block with 16 codes a lane, U 2, 2 blocks (4 or 8 heads a
+//                         block with 8 codes spill registers: 8 heads ~1.2 KB a thread):
+//                         32q/8kv int8 batch 64 x 4k 29% -> 32%, int4 unchanged (17%);
+//                         64q/8kv int8 batch 16 x 4k 5% -> 15%, int4 3% -> 9%. Summing the
+//                         heads' dot products with fewer shuffles (each butterfly step
+//                         halving the heads a lane holds) gained 0-5% and lost 4% at 8 heads.
 template <int HPB> struct FloatTuning {
   static constexpr int U = HPB == 1 ? 4 : HPB >= 8 ? 2 : HPB >= 4 ? 4 : 8;
   static constexpr int kMinBlocks = HPB == 1 ? 3 : HPB >= 4 ? 2 : 1;
 };
 template <int HPB, int E> struct QuantTuning {
   static constexpr int U = E == 16 ? 2 : HPB >= 8 ? 2 : 4;
-  static constexpr int kMinBlocks = HPB == 1 ? 4 : HPB >= 4 ? 2 : 1;
+  static constexpr int kMinBlocks = HPB == 1 ? 4 : HPB >= 2 ? 2 : 1;
 };
 
 // 2^x in one multi-function-unit instruction (expf is about eight instructions, exp2f
@@ -597,7 +603,7 @@ store_kv_quant_kernel(const T* __restrict__ k, const T* __restrict__ v, uint8_t*
 // The same partition kernel as above (lane groups, U rows in flight, online softmax,
 // split-K with the same reduce kernel), reading codes: a lane loads E codes at a time and
 // holds E elements of q and of the output per head (L = head_dim / E lanes a row). E is 16
-// for one head a block (MHA): against 8, it halves the load instructions and the shuffle
+// for 1 or 2 heads a block: against 8, it halves the load instructions and the shuffle
 // steps of each score's sum per code; with 4 or 8 heads a block 16 would not fit the
 // registers. Dequantization is folded into the sums, so the inner loops are one FMA per
 // code as in the float kernel:
@@ -605,7 +611,7 @@ store_kv_quant_kernel(const T* __restrict__ k, const T* __restrict__ v, uint8_t*
 //   sum_t p_t (c_t s_t + z_t) = sum_t (p_t s_t) c_t + sum_t p_t z_t  (one scalar per head)
 // U and the blocks per SM are QuantTuning's. q's dtype is a
 // runtime argument (q and the output are touched once per block), which keeps the
-// instantiations to bits x (E, L, heads per block) (24), not x 3 dtypes.
+// instantiations to bits x (E, L, heads per block) (30), not x 3 dtypes.
 
 enum QDType : int { kQFloat = 0, kQHalf = 1, kQBFloat16 = 2 };
 
@@ -626,7 +632,7 @@ __device__ __forceinline__ void store_out(void* p, int64_t i, float v, int dtype
 }
 
 // A lane loads E codes of a row at once (E * Bits / 8 bytes): 16 where a lane's registers
-// hold one head (MHA), else 8 (a lane keeps E elements of q and of the output per head).
+// hold one or two heads, else 8 (a lane keeps E elements of q and of the output per head).
 template <int Bits, int E> struct CodePack;
 template <> struct CodePack<8, 8> { using type = uint2; };
 template <> struct CodePack<8, 16> { using type = uint4; };
@@ -1276,13 +1282,18 @@ void launch_decode_quant(const QuantBuffers& d, const DecodeParams& p, int64_t b
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Heads per block from the group size (1, else 4, else 8); 16 codes a lane for one head
-// where head_dim allows (a multiple of 16), else 8; lanes per row from head_dim / codes.
+// Where head_dim is a multiple of 16: 16 codes a lane, 1 head a block (MHA) or 2 (GQA: a
+// group of g heads takes g / 2 blocks, which read the same K/V rows, mostly from L2).
+// Else 8 codes a lane and 1, 4 or 8 heads a block. Lanes per row: head_dim / codes.
 template <int Bits, int E, int L>
 void launch_decode_quant_heads(const QuantBuffers& d, const DecodeParams& p, int64_t batch,
                                cudaStream_t stream) {
   if constexpr (E == 16) {
-    launch_decode_quant<Bits, 16, L, 1>(d, p, batch, stream);
+    if (p.group == 1) {
+      launch_decode_quant<Bits, 16, L, 1>(d, p, batch, stream);
+    } else {
+      launch_decode_quant<Bits, 16, L, 2>(d, p, batch, stream);
+    }
   } else if (p.group == 1) {
     launch_decode_quant<Bits, 8, L, 1>(d, p, batch, stream);
   } else if (p.group <= 4 || shared_bytes(8, p.head_dim) > kMaxSharedBytes) {
@@ -1295,7 +1306,7 @@ void launch_decode_quant_heads(const QuantBuffers& d, const DecodeParams& p, int
 template <int Bits>
 void launch_decode_quant_rows(const QuantBuffers& d, const DecodeParams& p, int64_t batch,
                               cudaStream_t stream) {
-  if (p.group == 1 && p.head_dim % 16 == 0) {
+  if (p.head_dim % 16 == 0) {
     const int packs = p.head_dim / 16;
     if (packs <= 4) {
       launch_decode_quant_heads<Bits, 16, 4>(d, p, batch, stream);
