@@ -52,7 +52,7 @@ def sample(logits: torch.Tensor, states: list[SamplingState], token_ids: list[li
     token_ids[b] holds prompt + output so far (for the repetition penalty).
     """
     logits = logits.clone()
-    greedy_rows = []
+    sampled_rows = []
     for b, state in enumerate(states):
         cfg = state.config
         if cfg.repetition_penalty != 1.0:
@@ -60,12 +60,11 @@ def sample(logits: torch.Tensor, states: list[SamplingState], token_ids: list[li
             apply_repetition_penalty(logits[b], seen, cfg.repetition_penalty)
         if cfg.min_new_tokens and num_generated[b] < cfg.min_new_tokens and state.stop_ids:
             logits[b, state.stop_ids] = float("-inf")
-        if cfg.greedy:
-            greedy_rows.append(b)
+        if not cfg.greedy:
+            sampled_rows.append(b)
     next_tokens = logits.argmax(-1)
-    for b, state in enumerate(states):
-        if b in greedy_rows:
-            continue
+    for b in sampled_rows:
+        state = states[b]
         cfg = state.config
         row = filter_top_k_top_p(logits[b] / cfg.temperature, cfg.top_k, cfg.top_p)
         probs = row.softmax(-1)
