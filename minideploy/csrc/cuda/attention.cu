@@ -27,7 +27,7 @@
 //   batch 1 a 7B layer's 32 heads x 200 tokens are 3.3 MB; cuDNN's flash kernel
 //   took 8.5 us per layer for it, plus ~4 us of mask handling). One thread block
 //   (8 warps) owns (sequence, kv head, up to 8 query heads of its group, one
-//   partition of kPartition tokens), so GQA heads share every key load. A key
+//   partition of 512 tokens or fewer), so GQA heads share every key load. A key
 //   row is read by L lanes with 16-byte loads (L = 8/16/32 for rows of
 //   128/256/512 bytes). Each lane group keeps an online softmax (running max,
 //   sum and weighted values, as flash attention does) over its share of the
@@ -35,16 +35,17 @@
 //   of U key rows and U value rows before using any (U = 4 for one head per
 //   block, with 3 blocks an SM: see Tuning). Lane groups merge through shuffles,
 //   warps through shared memory; nothing is sized by the context length.
-//   Split-K (flash-decoding): when the cache can hold more than kPartition tokens
-//   per sequence, grid.z covers the capacity in partitions; each block writes its
+//   Split-K (flash-decoding): when the cache can hold more than a partition's tokens
+//   per sequence, grid.z covers the capacity in partitions (512 tokens, down to 64
+//   when fewer sequences x kv heads would leave SMs idle); each block writes its
 //   partition's max, sum and normalised output, and a reduce kernel rescales and
 //   combines them. A sequence that fits one partition is finished by its first
 //   block directly (the reduce skips it), and blocks past a sequence's length
 //   exit at once. The grid depends only on tensor shapes (the capacity
 //   max_blocks * block_size), never on the values of context_lens: the launch
 //   needs no synchronisation, and a CUDA graph captured once replays it for any
-//   lengths. When the capacity fits one partition (short caches) there is a
-//   single kernel and no scratch memory.
+//   lengths. When the capacity fits one partition (short caches, many sequences)
+//   there is a single kernel and no scratch memory.
 //   Bad values cannot be reported without synchronising: a length outside
 //   [0, capacity] or a block id outside [0, num_blocks) makes that sequence's
 //   output NaN; nothing is read out of bounds.
@@ -81,7 +82,10 @@ namespace {
 constexpr int kWarpSize = 32;
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * kWarpSize;
-constexpr int kPartition = 512;  // tokens per block when a sequence is split (flash-decoding)
+// Tokens per block when a sequence is split (flash-decoding): kPartition, or down to
+// kMinPartition when the grid would otherwise leave SMs idle (see partition_tokens).
+constexpr int kPartition = 512;
+constexpr int kMinPartition = 64;
 constexpr int kMaxHeadDim = 256;
 constexpr int kHeadDimMultiple = 8;
 constexpr int kMaxSharedBytes = 48 * 1024;  // without the opt-in attribute
@@ -187,6 +191,7 @@ struct DecodeParams {
   int num_heads, kv_heads, group, head_dim, block_size, max_blocks;
   int64_t num_blocks;
   int num_parts;  // gridDim.z; 1: no split, the block writes `out` itself
+  int partition;  // tokens per partition
   float scale;  // softmax scale x log2(e): scores are kept in base 2, weights are exp2f
 };
 
@@ -275,15 +280,15 @@ decode_attention_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
   const int64_t capacity = static_cast<int64_t>(p.max_blocks) * p.block_size;
   const bool bad_len = len < 0 || len > capacity;
   // One partition covers the sequence: the first block finishes it, the others idle.
-  const bool direct = bad_len || len <= kPartition || p.num_parts == 1;
+  const bool direct = bad_len || len <= p.partition || p.num_parts == 1;
   if (direct && part > 0) return;
   if (bad_len || len == 0) {
     fill_heads(out, out_offset, nh, p.head_dim, bad_len ? CUDART_NAN_F : 0.0f);
     return;
   }
-  const int start = part * kPartition;
+  const int start = part * p.partition;
   if (start >= len) return;  // past this sequence's end
-  const int end = direct ? len : min(start + kPartition, len);
+  const int end = direct ? len : min(start + p.partition, len);
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int li = lane % L;           // lane within the row group
@@ -507,12 +512,13 @@ decode_attention_reduce_kernel(const float* __restrict__ part_out,
                                const float* __restrict__ part_max,
                                const float* __restrict__ part_sum,
                                const int* __restrict__ context_lens, T* __restrict__ out,
-                               int num_heads, int head_dim, int num_parts, int64_t capacity) {
+                               int num_heads, int head_dim, int num_parts, int partition,
+                               int64_t capacity) {
   extern __shared__ float weights[];  // [num_parts]
   const int head = blockIdx.x, b = blockIdx.y;
   const int len = context_lens[b];
-  if (len <= kPartition || len > capacity) return;  // finished by the partition kernel
-  const int parts = (len + kPartition - 1) / kPartition;
+  if (len <= partition || len > capacity) return;  // finished by the partition kernel
+  const int parts = (len + partition - 1) / partition;
   const int64_t row = (static_cast<int64_t>(b) * num_heads + head) * num_parts;
 
   float m = -CUDART_INF_F;
@@ -701,7 +707,7 @@ decode_attention_quant_kernel(const void* __restrict__ q, const uint8_t* __restr
   const int len = context_lens[b];
   const int64_t capacity = static_cast<int64_t>(p.max_blocks) * p.block_size;
   const bool bad_len = len < 0 || len > capacity;
-  const bool direct = bad_len || len <= kPartition || p.num_parts == 1;
+  const bool direct = bad_len || len <= p.partition || p.num_parts == 1;
   if (direct && part > 0) return;
   if (bad_len || len == 0) {
     for (int i = threadIdx.x; i < nh * p.head_dim; i += blockDim.x) {
@@ -709,9 +715,9 @@ decode_attention_quant_kernel(const void* __restrict__ q, const uint8_t* __restr
     }
     return;
   }
-  const int start = part * kPartition;
+  const int start = part * p.partition;
   if (start >= len) return;
-  const int end = direct ? len : min(start + kPartition, len);
+  const int end = direct ? len : min(start + p.partition, len);
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int li = lane % L;
@@ -1327,6 +1333,23 @@ void launch_decode_quant_rows(const QuantBuffers& d, const DecodeParams& p, int6
   }
 }
 
+// Tokens per partition. kPartition, halved (down to kMinPartition) while the K/V streams
+// (sequences x kv heads) times the partitions of the capacity make fewer than four blocks
+// an SM: at batch 1 a 7B layer's 32 heads over a 4k cache are 256 blocks of 512 tokens on
+// 132 SMs, and a GQA model's 8 kv heads 64. Shapes only, as the grid: a sequence shorter
+// than the capacity leaves blocks that exit at once, and a split sequence costs the reduce.
+int partition_tokens(int64_t streams, int64_t capacity, int device) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t target = 4 * static_cast<int64_t>(sms);
+  int partition = kPartition;
+  while (partition > kMinPartition && streams * ((capacity + partition - 1) / partition) < target &&
+         (capacity + partition / 2 - 1) / (partition / 2) * sizeof(float) <= kMaxSharedBytes) {
+    partition /= 2;
+  }
+  return partition;
+}
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables,
                             const at::Tensor& context_lens, double scale, const OptTensor& k_params,
@@ -1352,7 +1375,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
   if (out.numel() == 0) return out;
 
   // Grid and scratch depend on shapes only (never on context_lens): CUDA-graph safe.
-  const int64_t num_parts = std::max<int64_t>(1, (capacity + kPartition - 1) / kPartition);
+  const int partition = partition_tokens(batch * kv_heads, capacity, q.device().index());
+  const int64_t num_parts = std::max<int64_t>(1, (capacity + partition - 1) / partition);
   TORCH_CHECK(num_parts <= 65535 && num_parts * sizeof(float) <= kMaxSharedBytes, op,
               ": block_tables allow ", capacity, " tokens per sequence, more than one launch covers (",
               kMaxSharedBytes / sizeof(float) * kPartition, ")");
@@ -1365,6 +1389,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
   p.max_blocks = static_cast<int>(max_blocks);
   p.num_blocks = k_cache.size(0);
   p.num_parts = static_cast<int>(num_parts);
+  p.partition = partition;
   p.scale = static_cast<float>(scale * 1.4426950408889634);  // x log2(e): softmax in base 2
 
   const c10::cuda::CUDAGuard guard(q.device());
@@ -1413,7 +1438,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
       using T = std::remove_pointer_t<decltype(tag)>;
       decode_attention_reduce_kernel<T><<<grid, kThreads, smem, stream>>>(
           po, pm, ps, context_lens.data_ptr<int>(), reinterpret_cast<T*>(out.data_ptr()),
-          p.num_heads, p.head_dim, p.num_parts, capacity);
+          p.num_heads, p.head_dim, p.num_parts, p.partition, capacity);
     };
     switch (q.scalar_type()) {
       case at::kFloat: reduce(static_cast<float*>(nullptr)); break;
