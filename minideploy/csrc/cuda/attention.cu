@@ -37,7 +37,7 @@
 //   warps through shared memory; nothing is sized by the context length.
 //   Split-K (flash-decoding): when the cache can hold more than a partition's tokens
 //   per sequence, grid.z covers the capacity in partitions (512 tokens, down to 64
-//   when fewer sequences x kv heads would leave SMs idle); each block writes its
+//   when few sequences x kv heads would leave most SMs idle); each block writes its
 //   partition's max, sum and normalised output, and a reduce kernel rescales and
 //   combines them. A sequence that fits one partition is finished by its first
 //   block directly (the reduce skips it), and blocks past a sequence's length
@@ -1334,14 +1334,17 @@ void launch_decode_quant_rows(const QuantBuffers& d, const DecodeParams& p, int6
 }
 
 // Tokens per partition. kPartition, halved (down to kMinPartition) while the K/V streams
-// (sequences x kv heads) times the partitions of the capacity make fewer than four blocks
-// an SM: at batch 1 a 7B layer's 32 heads over a 4k cache are 256 blocks of 512 tokens on
-// 132 SMs, and a GQA model's 8 kv heads 64. Shapes only, as the grid: a sequence shorter
-// than the capacity leaves blocks that exit at once, and a split sequence costs the reduce.
+// (sequences x kv heads) times the partitions of the capacity make fewer blocks than half
+// the SMs: at batch 1 a GQA model's 8 kv heads over a 2k cache are 32 blocks of 512 tokens.
+// Measured on an H100 (paged_attention, batch 1..16, 512..32k tokens): splitting until
+// 4 blocks an SM took GQA batch 1 x 512 from 51 to 14 us and MHA from 18 to 14 us, but made
+// 64-token partitions where 1-2 blocks an SM were running already: 20-50% slower there
+// (the partial results and the reduce cost more than the idle SMs). Shapes only, as the
+// grid: a sequence shorter than the capacity leaves blocks that exit at once.
 int partition_tokens(int64_t streams, int64_t capacity, int device) {
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t target = 4 * static_cast<int64_t>(sms);
+  const int64_t target = sms / 2;
   int partition = kPartition;
   while (partition > kMinPartition && streams * ((capacity + partition - 1) / partition) < target &&
          (capacity + partition / 2 - 1) / (partition / 2) * sizeof(float) <= kMaxSharedBytes) {
