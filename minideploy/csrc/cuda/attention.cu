@@ -1309,27 +1309,26 @@ void launch_decode_quant_heads(const QuantBuffers& d, const DecodeParams& p, int
   }
 }
 
+// Lanes a row: head_dim / E, rounded up to the counts instantiated (head_dim 64, 128, 256).
+template <int Bits, int E>
+void launch_decode_quant_lanes(const QuantBuffers& d, const DecodeParams& p, int64_t batch,
+                               cudaStream_t stream) {
+  if (p.head_dim <= 64) {
+    launch_decode_quant_heads<Bits, E, 64 / E>(d, p, batch, stream);
+  } else if (p.head_dim <= 128) {
+    launch_decode_quant_heads<Bits, E, 128 / E>(d, p, batch, stream);
+  } else {
+    launch_decode_quant_heads<Bits, E, 256 / E>(d, p, batch, stream);
+  }
+}
+
 template <int Bits>
 void launch_decode_quant_rows(const QuantBuffers& d, const DecodeParams& p, int64_t batch,
                               cudaStream_t stream) {
   if (p.head_dim % 16 == 0) {
-    const int packs = p.head_dim / 16;
-    if (packs <= 4) {
-      launch_decode_quant_heads<Bits, 16, 4>(d, p, batch, stream);
-    } else if (packs <= 8) {
-      launch_decode_quant_heads<Bits, 16, 8>(d, p, batch, stream);
-    } else {
-      launch_decode_quant_heads<Bits, 16, 16>(d, p, batch, stream);
-    }
-    return;
-  }
-  const int packs = p.head_dim / 8;
-  if (packs <= 8) {
-    launch_decode_quant_heads<Bits, 8, 8>(d, p, batch, stream);
-  } else if (packs <= 16) {
-    launch_decode_quant_heads<Bits, 8, 16>(d, p, batch, stream);
+    launch_decode_quant_lanes<Bits, 16>(d, p, batch, stream);
   } else {
-    launch_decode_quant_heads<Bits, 8, 32>(d, p, batch, stream);
+    launch_decode_quant_lanes<Bits, 8>(d, p, batch, stream);
   }
 }
 
