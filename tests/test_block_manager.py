@@ -29,6 +29,28 @@ def test_states_walk():
     m.check()
 
 
+def test_decode_commits_chain_from_the_last_named_block():
+    """Committing token by token (as decode steps do) names the same blocks as one commit of
+    the whole sequence, after a prefix hit too, so a later prompt finds them."""
+    m = BlockManager(num_blocks=12, block_size=4)
+    tokens = list(range(5))
+    m.allocate("a", tokens)
+    m.commit("a", tokens)
+    for t in range(5, 14):  # decode: one token a step
+        tokens.append(t)
+        m.append("a", len(tokens))
+        m.commit("a", tokens)
+    m.free("a")
+    assert m.allocate("b", tokens[:12] + [99]) == 12  # all three full blocks are hits
+    for t in range(100, 106):  # b goes on past its hits: its own blocks chain on from them
+        tokens_b = tokens[:12] + [99] + list(range(100, t + 1))
+        m.append("b", len(tokens_b))
+        m.commit("b", tokens_b)
+    m.free("b")
+    assert m.allocate("c", tokens_b + [7]) == 16
+    m.check()
+
+
 def test_last_token_is_always_computed():
     m = BlockManager(num_blocks=4, block_size=4)
     m.allocate("a", list(range(8)))
