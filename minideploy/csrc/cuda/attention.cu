@@ -225,7 +225,7 @@ template <int HPB> struct FloatTuning {
 };
 template <int HPB, int E> struct QuantTuning {
   static constexpr int U = E == 16 ? 2 : HPB >= 8 ? 2 : 4;
-  static constexpr int kMinBlocks = HPB == 1 ? 4 : HPB >= 2 ? 2 : 1;
+  static constexpr int kMinBlocks = HPB == 1 ? 4 : 2;
 };
 
 // 2^x in one multi-function-unit instruction (expf is about eight instructions, exp2f
@@ -648,15 +648,12 @@ template <> struct CodePack<4, 16> { using type = uint2; };
 // int4 codes become floats without the int->float conversion (a quarter of the FMA rate
 // here): a nibble c under the bits 0x6400 is the half 1024 + c exactly, two to a word
 // (nibbles i and i + 4 of a word in one mask-and-or), and a half->float conversion is a
-// full-rate instruction. The kernel takes c + kCodeOffset for c: it subtracts the offset
-// times the scale from the zero point once a row (q . (c + 1024) s = q . c s + 1024 s sum(q)).
+// full-rate instruction. The kernel takes c + 1024 for c (its kOffset): it subtracts the
+// offset times the scale from the zero point once a row (q . (c + 1024) s = q . c s +
+// 1024 s sum(q)).
 // For int8 the same trick (byte permute, two codes a word) measured slower than I2F.U8,
 // which converts a byte in place (batch 64 x 4k: 76% -> 73% of bandwidth; an earlier
 // float version, permute + subtract, lost 30%).
-template <int Bits> struct CodeOffset;
-template <> struct CodeOffset<8> { static constexpr float value = 0.0f; };
-template <> struct CodeOffset<4> { static constexpr float value = 1024.0f; };
-
 template <int Bits, int E, typename Pack>
 __device__ __forceinline__ void unpack_codes(const Pack& c, float (&f)[E]) {
   const uint32_t* w = reinterpret_cast<const uint32_t*>(&c);
@@ -690,7 +687,7 @@ decode_attention_quant_kernel(const void* __restrict__ q, const uint8_t* __restr
                               float* __restrict__ part_sum, DecodeParams p, int dtype) {
   using Pack = typename CodePack<Bits, E>::type;
   constexpr int U = QuantTuning<HPB, E>::U;
-  constexpr float kOffset = CodeOffset<Bits>::value;
+  constexpr float kOffset = Bits == 4 ? 1024.0f : 0.0f;  // what unpack_codes adds to a code
   constexpr int kRowsPerWarp = kWarpSize / L;
   constexpr int kRowsPerStep = kWarps * kRowsPerWarp;
   extern __shared__ float warp_acc[];  // [kWarps][HPB][head_dim]
