@@ -35,7 +35,8 @@ inline float8 to_float8(const scalar_t* p) {
   return v;
 }
 
-inline float8 splat8(float x) { return float8{} + x; }
+// x in every lane (one broadcast; `float8{} + x` would also add, as 0 + -0 is +0).
+inline float8 splat8(float x) { return float8{x, x, x, x, x, x, x, x}; }
 
 // a * b + c, fused (one rounding) where the CPU has FMA.
 inline float8 fma8(float8 a, float8 b, float8 c) {

@@ -8,29 +8,29 @@
 //   dequantize()  -> w [N,K] in scales' dtype, rounded exactly like the reference
 //
 // Why this kernel: a decode step reads every weight once and does two flops per
-// weight, so it runs at the speed memory delivers weights, and int4 weights are
-// ~8x fewer bytes than float32. The unpacking must then cost less than the
-// bytes it saves, which on two cores at ~24 GB/s leaves about one cycle per
-// 8 weights. So:
-//   - 8 words (64 weights) are one 256-bit load; "nibble i of every word" is
-//     one mask or shift for all nibbles, one byte shuffle and one int->float
-//     conversion, then one multiply-add with 8 activations. For that the
-//     activations are permuted once per call into the words' nibble order
-//     (measured ~20% faster than broadcasting each word and shifting it by a
-//     per-lane amount into k order, which needs no permutation);
+// weight, so it should run at the speed memory delivers weights, and int4
+// weights are ~8x fewer bytes than float32. On two cores that leaves about one
+// cycle per 8 weights for unpacking, so the inner loop is three instructions per
+// 8 weights and everything else is moved out of it:
+//   - the 8 lanes of a vector are 8 weight rows (a tile). Four words of each of
+//     the 8 rows are loaded and transposed in registers (8 loads, 8 shuffles),
+//     giving 4 vectors "word w of rows n..n+7"; so no lane ever has to be summed
+//     with another, and a tile's 8 outputs are one vector at the end;
+//   - nibble i of a vector of words is `words & (0xF << 4i)`: converted to
+//     float it is q * 2^(4i), exactly, and the activation it multiplies was
+//     scaled by 2^(-4i) (exact too) when the activations were laid out once per
+//     call: one AND, one int->float conversion, one multiply-add (nibble 7, the
+//     sign bit's, is a shift by 28 instead of the AND);
 //   - the zero point and scale are constant within a group, so
 //         sum_k (q_k - z) s x_k = s (sum_k q_k x_k - z sum_k x_k):
-//     the inner loop is one multiply-add per weight, and the per-group sums of
-//     x (kept per lane, so the subtraction happens group by group) are
-//     computed once per call for all rows;
-//   - each thread walks its own block of weight rows once, front to back, and
-//     uses a row for all M activation rows while it is in L1, in tiles of up
-//     to 4 activation rows whose accumulators stay in registers.
-//
-// With AVX2 + FMA (gcc -march=native on most x86 machines) the block is written
-// in intrinsics; otherwise a portable version of the same loop (which gcc may
-// vectorise) runs; -DMINIDEPLOY_W4A16_SCALAR forces it. No -ffast-math: the
-// build passes -ffp-contract=off, and the AVX2 multiply-adds are explicit.
+//     one multiply-add per weight, and per group and tile two multiply-adds with
+//     the 8 rows' scales and zeros; the group sums of x are computed once per call;
+//   - each thread walks its own tiles (8 rows are adjacent in memory: one
+//     contiguous stream) and uses a tile for up to 4 activation rows at a time
+//     while it is in L1, their accumulators in registers.
+// The vectors are GCC's generic ones (vec8.h): AVX2 + FMA instructions under
+// -march=native on x86, plain code elsewhere. No -ffast-math: the build passes
+// -ffp-contract=off, and the multiply-adds are explicit (fma8).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -38,16 +38,17 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <sstream>
 #include <string>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(MINIDEPLOY_W4A16_SCALAR)
-#include <immintrin.h>
-#define MINIDEPLOY_W4A16_AVX2 1
-#endif
+#include "vec8.h"
 
 namespace {
+
+using vec8::float8;
+using vec8::fma8;
 
 constexpr int kPack = 8;                // int4 values per int32 word
 constexpr int64_t kGroupMultiple = 32;  // reference.W4_GROUP_MULTIPLE
@@ -55,15 +56,12 @@ constexpr int kOrder[kPack] = {0, 2, 4, 6, 1, 3, 5, 7};  // nibble i holds k = 8
 // For dequantize, in k order: k = 8j + l sits in nibble kNibble[l] of word j
 // (the inverse of kOrder), so it shifts right by 4 * kNibble[l].
 constexpr uint32_t kShift[kPack] = {0, 16, 4, 20, 8, 24, 12, 28};
-// Rows per parallel task: enough weight bytes to amortise the scheduling.
-constexpr int64_t kRowsPerTask = 16;
-// Software prefetch distance along the weight rows: with the hardware
-// prefetcher alone the loads waited on DRAM (one thread streamed 6.7 GB/s from
-// DRAM instead of 8.1 on the 2-core AMD EPYC this was tuned on).
-constexpr int64_t kPrefetchWords = 512;  // 2 KB
-// Activation rows per pass over a weight row: 4 rows x accumulators fit the
-// 16 vector registers of AVX2.
-constexpr int kMaxTile = 4;
+constexpr int kQuad = 4;                 // words of a row per transpose (one 128-bit load)
+constexpr int64_t kRowsPerTask = 16;     // dequantize: rows per parallel task
+constexpr int64_t kTilesPerTask = 2;     // gemv: tiles per parallel task
+// Activation rows per pass over a tile: 4 rows' accumulators fit the 16 vector
+// registers of AVX2 beside the 4 word vectors.
+constexpr int kMaxTokens = 4;
 
 // The dtypes the checks let through (no float64 instantiations to compile).
 #define W4A16_FLOAT_CASES(...)                     \
@@ -138,143 +136,163 @@ void check_args(const char* op, const at::Tensor& qweight, const at::Tensor& sca
 }
 
 // ---------------------------------------------------------------------------
-// GEMV. The unit of work is a block of 8 words of a weight row (64 weights):
-// nibble i of word j holds k = 8j + kOrder[i], so "nibble i of all 8 words" is
-// one vector of 8 weights, obtained with a mask (or shift) and a byte shuffle.
-// The activations are permuted once per call into the same order ("block
-// layout"): xb[64b + 8i + j] = x[64b + 8j + kOrder[i]]. A group of g weights is
-// g/64 blocks, plus a half block (4 words, lanes 4..7 zero) when g % 64 == 32.
+// GEMV over tiles of kTile weight rows; the activations are laid out once per call
+// as xw[m][j][i] = x[m, 8j + kOrder[i]] * 2^(-4i) (i < 7; i = 7 unscaled), the
+// order and scale in which nibble i of word j comes out of `nibble` below.
 // ---------------------------------------------------------------------------
 
-// One gemv call's geometry and its activations in float32, block layout:
-// x [M, x_stride] and per-lane group sums xsum [M, groups, 8].
-struct Gemv {
-  int64_t groups, group_words, full_blocks, blocks_per_group, x_stride, prefetch_groups;
-  bool half_block;  // group_words % 8 == 4
-  const float* x;
-  const float* xsum;
-};
+// A vector's lanes are a tile's rows: 16 with AVX-512, else 8 (AVX2 or plain code;
+// 16 lanes as two AVX2 registers ran 12x slower: gcc spilled and shuffled through
+// memory). load_quad transposes the 4 words of each row into the lanes.
+#if defined(__AVX512F__)
+constexpr int kTile = 16;
+typedef float floatv __attribute__((vector_size(64)));
+typedef int32_t int32v __attribute__((vector_size(64)));
+typedef uint32_t uint32v __attribute__((vector_size(64)));
+typedef uint32_t uint32x4 __attribute__((vector_size(16)));
 
-#ifdef MINIDEPLOY_W4A16_AVX2
-
-using Lanes = __m256;  // 8 float32 lanes
-inline Lanes zero_lanes() { return _mm256_setzero_ps(); }
-inline Lanes add_lanes(Lanes a, Lanes b) { return _mm256_add_ps(a, b); }
-
-// total + s * (acc - z * xs), lane by lane.
-inline Lanes add_group(Lanes total, float s, float z, Lanes acc, const float* xs) {
-  const Lanes centred = _mm256_fnmadd_ps(_mm256_set1_ps(z), _mm256_loadu_ps(xs), acc);
-  return _mm256_fmadd_ps(_mm256_set1_ps(s), centred, total);
+inline floatv splatv(float x) { return floatv{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+inline floatv fmav(floatv a, floatv b, floatv c) {  // a * b + c, one rounding
+  return (floatv)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
 }
 
-inline float sum_lanes(Lanes v) {
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
-}
-
-// acc[m][.] += w . x_m over one block. `words` are 8 words, or 4 (then the
-// other 4 read as zeros: the half block at the end of a 32 * odd group).
-template <int T, int A>
-inline void block_dot(const int32_t* words, bool half, const float* xb, int64_t x_stride,
-                      Lanes (&acc)[T][A]) {
-  const __m256i v = half ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)words))
-                         : _mm256_loadu_si256((const __m256i*)words);
-  // Byte b of each word holds nibbles 2b (low half) and 2b + 1 (high half).
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const __m256i even = _mm256_and_si256(v, low4);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(v, 4), low4);
-  // Shuffle control: byte b of each 32-bit lane, zero-extended to the lane
-  // (control bytes 0xFF give 0; adding b to the 32-bit lanes leaves them 0xFF).
-  const __m256i byte0 = _mm256_setr_epi8(0, -1, -1, -1, 4, -1, -1, -1, 8, -1, -1, -1, 12, -1, -1, -1,
-                                         0, -1, -1, -1, 4, -1, -1, -1, 8, -1, -1, -1, 12, -1, -1, -1);
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {
-    const __m256i select = _mm256_add_epi32(byte0, _mm256_set1_epi32(i / 2));
-    const __m256 w = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(i % 2 ? odd : even, select));
-    for (int m = 0; m < T; ++m) {
-      acc[m][i % A] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + m * x_stride + 8 * i), acc[m][i % A]);
-    }
+// Words w0 .. w0+3 of the tile's rows -> v[w][r] = word w0 + w of row r.
+inline void load_quad(const uint32_t* const (&rows)[kTile], int64_t w0, uint32v (&v)[kQuad]) {
+  uint32v a[kQuad];  // a[j]: 4 words of rows j, j + 4, j + 8, j + 12 (one per 128-bit lane)
+  for (int j = 0; j < kQuad; ++j) {
+    uint32x4 r0, r1, r2, r3;
+    std::memcpy(&r0, rows[j] + w0, sizeof r0);
+    std::memcpy(&r1, rows[j + 4] + w0, sizeof r1);
+    std::memcpy(&r2, rows[j + 8] + w0, sizeof r2);
+    std::memcpy(&r3, rows[j + 12] + w0, sizeof r3);
+    a[j] = __builtin_shufflevector(__builtin_shufflevector(r0, r1, 0, 1, 2, 3, 4, 5, 6, 7),
+                                   __builtin_shufflevector(r2, r3, 0, 1, 2, 3, 4, 5, 6, 7),
+                                   0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   }
+  // 4x4 transposes within each 128-bit lane (unpack lo/hi of 32- then 64-bit elements);
+  // lane 4L + r then holds row 4L + r.
+  const uint32v t0 = __builtin_shufflevector(a[0], a[1], 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29);
+  const uint32v t1 = __builtin_shufflevector(a[0], a[1], 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31);
+  const uint32v t2 = __builtin_shufflevector(a[2], a[3], 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29);
+  const uint32v t3 = __builtin_shufflevector(a[2], a[3], 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31);
+  v[0] = __builtin_shufflevector(t0, t2, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+  v[1] = __builtin_shufflevector(t0, t2, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  v[2] = __builtin_shufflevector(t1, t3, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+  v[3] = __builtin_shufflevector(t1, t3, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
 }
+#else
+constexpr int kTile = 8;
+typedef vec8::float8 floatv;
+typedef vec8::int32x8 int32v;
+typedef uint32_t uint32v __attribute__((vector_size(32)));
+typedef uint32_t uint32x4 __attribute__((vector_size(16)));
 
-#else  // portable: the same computation on arrays of 8 floats, for gcc to vectorise
+inline floatv splatv(float x) { return vec8::splat8(x); }
+inline floatv fmav(floatv a, floatv b, floatv c) { return vec8::fma8(a, b, c); }
 
-struct Lanes {
-  float v[kPack];
-};
-inline Lanes zero_lanes() { return Lanes{}; }
-inline Lanes add_lanes(Lanes a, Lanes b) {
-  for (int j = 0; j < kPack; ++j) a.v[j] += b.v[j];
-  return a;
-}
-
-inline Lanes add_group(Lanes total, float s, float z, Lanes acc, const float* xs) {
-  for (int j = 0; j < kPack; ++j) total.v[j] += s * (acc.v[j] - z * xs[j]);
-  return total;
-}
-
-inline float sum_lanes(Lanes v) {
-  float sum = 0.0f;
-  for (int j = 0; j < kPack; ++j) sum += v.v[j];
-  return sum;
-}
-
-template <int T, int A>
-inline void block_dot(const int32_t* words, bool half, const float* xb, int64_t x_stride,
-                      Lanes (&acc)[T][A]) {
-  uint32_t word[kPack] = {};
-  for (int j = 0; j < (half ? 4 : kPack); ++j) word[j] = static_cast<uint32_t>(words[j]);
-  for (int i = 0; i < kPack; ++i) {
-    float w[kPack];
-#pragma omp simd
-    for (int j = 0; j < kPack; ++j) w[j] = static_cast<float>((word[j] >> (4 * i)) & 0xFu);
-    for (int m = 0; m < T; ++m) {
-      const float* xv = xb + m * x_stride + 8 * i;
-#pragma omp simd
-      for (int j = 0; j < kPack; ++j) acc[m][i % A].v[j] += w[j] * xv[j];
-    }
+// Words w0 .. w0+3 of the tile's rows -> v[w][r] = word w0 + w of row r.
+inline void load_quad(const uint32_t* const (&rows)[kTile], int64_t w0, uint32v (&v)[kQuad]) {
+  uint32v a[kQuad];  // a[j]: 4 words of rows j and j + 4 (one per 128-bit lane)
+  for (int j = 0; j < kQuad; ++j) {
+    uint32x4 r0, r1;
+    std::memcpy(&r0, rows[j] + w0, sizeof r0);
+    std::memcpy(&r1, rows[j + 4] + w0, sizeof r1);
+    a[j] = __builtin_shufflevector(r0, r1, 0, 1, 2, 3, 4, 5, 6, 7);
   }
+  // 4x4 transposes within each 128-bit lane, as above: lane 4L + r holds row 4L + r.
+  const uint32v t0 = __builtin_shufflevector(a[0], a[1], 0, 8, 1, 9, 4, 12, 5, 13);
+  const uint32v t1 = __builtin_shufflevector(a[0], a[1], 2, 10, 3, 11, 6, 14, 7, 15);
+  const uint32v t2 = __builtin_shufflevector(a[2], a[3], 0, 8, 1, 9, 4, 12, 5, 13);
+  const uint32v t3 = __builtin_shufflevector(a[2], a[3], 2, 10, 3, 11, 6, 14, 7, 15);
+  v[0] = __builtin_shufflevector(t0, t2, 0, 1, 8, 9, 4, 5, 12, 13);
+  v[1] = __builtin_shufflevector(t0, t2, 2, 3, 10, 11, 6, 7, 14, 15);
+  v[2] = __builtin_shufflevector(t1, t3, 0, 1, 8, 9, 4, 5, 12, 13);
+  v[3] = __builtin_shufflevector(t1, t3, 2, 3, 10, 11, 6, 7, 14, 15);
 }
-
 #endif
 
-// result[m] = x[m0 + m] . w for m < T, w = one weight row (q, scales, zeros).
+struct Gemv {
+  int64_t n, words, groups, group_quads;  // words = K / 8; a group is group_quads * 4 words
+  const float* xw;                        // [M, words, 8]
+  const float* xsum;                      // [M, groups]: sum of x over each group
+};
+
+// Nibble i of a vector of words as floats: q * 2^(4i) for i < 7, q for i = 7.
+template <int i>
+inline floatv nibble(uint32v words) {
+  if constexpr (i == kPack - 1) {
+    return __builtin_convertvector((int32v)(words >> 28), floatv);
+  } else {
+    return __builtin_convertvector((int32v)(words & (0xFu << (4 * i))), floatv);
+  }
+}
+
+// Independent accumulators per activation row: a multiply-add waits ~4 cycles for
+// its predecessor in the chain, and the conversions share its execution ports.
+template <int T>
+constexpr int kChains = T == 1 ? 4 : T == 2 ? 2 : 1;
+
+// acc[m] += nibbles of `words` . x_m for T activation rows; xw points at word j, row m0.
+template <int T, int i = 0>
+inline void word_dot(uint32v words, const float* xw, int64_t x_stride, floatv (&acc)[T][kChains<T>]) {
+  if constexpr (i < kPack) {
+    const floatv w = nibble<i>(words);
+    constexpr int c = i % kChains<T>;
+    for (int m = 0; m < T; ++m) acc[m][c] = fmav(w, splatv(xw[m * x_stride + i]), acc[m][c]);
+    word_dot<T, i + 1>(words, xw, x_stride, acc);
+  }
+}
+
+// out[m0 + m, n0 .. n0 + kTile - 1] for m < T. Rows past N repeat row N - 1 (read, not written).
 template <typename scalar_t, int T>
-inline void rows_dot(const Gemv& p, int64_t m0, const int32_t* q, const scalar_t* scales,
-                     const scalar_t* zeros, float* result) {
-  // A independent accumulators per activation row hide the multiply-add
-  // latency when one row alone would chain them.
-  constexpr int A = T == 1 ? 2 : 1;
-  const float* x = p.x + m0 * p.x_stride;
-  const float* xsum = p.xsum + m0 * p.groups * kPack;
-  Lanes total[T];
-  for (int m = 0; m < T; ++m) total[m] = zero_lanes();
+inline void tile_dot(const Gemv& p, int64_t m0, int64_t n0, const int32_t* qweight,
+                     const scalar_t* scales, const scalar_t* zeros, scalar_t* out) {
+  const uint32_t* rows[kTile];
+  int64_t row_of[kTile];
+  for (int r = 0; r < kTile; ++r) {
+    row_of[r] = std::min(n0 + r, p.n - 1);
+    rows[r] = reinterpret_cast<const uint32_t*>(qweight) + row_of[r] * p.words;
+  }
+  const int64_t x_stride = p.words * kPack;
+  const float* xw = p.xw + m0 * x_stride;
+  floatv total[T];
+  for (int m = 0; m < T; ++m) total[m] = floatv{};
   for (int64_t g = 0; g < p.groups; ++g) {
-    const int32_t* qg = q + g * p.group_words;
-    const float* xg = x + g * p.blocks_per_group * 64;
-    // Rows are walked front to back: ask for the weights ~2 KB ahead now.
-    __builtin_prefetch(qg + kPrefetchWords);
-    __builtin_prefetch(scales + g + p.prefetch_groups);
-    __builtin_prefetch(zeros + g + p.prefetch_groups);
-    Lanes acc[T][A];
+    floatv acc[T][kChains<T>];
     for (int m = 0; m < T; ++m)
-      for (int a = 0; a < A; ++a) acc[m][a] = zero_lanes();
-    for (int64_t b = 0; b < p.full_blocks; ++b) {
-      block_dot<T, A>(qg + b * kPack, false, xg + b * 64, p.x_stride, acc);
+      for (int c = 0; c < kChains<T>; ++c) acc[m][c] = floatv{};
+    // The next tile's scales and zeros: one line of each per group.
+    __builtin_prefetch(scales + (n0 + kTile) * p.groups + g * kTile);
+    __builtin_prefetch(zeros + (n0 + kTile) * p.groups + g * kTile);
+    for (int64_t quad = 0; quad < p.group_quads; ++quad) {
+      const int64_t w0 = (g * p.group_quads + quad) * kQuad;
+      // The next tile's words (its rows are one contiguous block): a quad of this
+      // tile consumes kTile * 16 bytes, so ask for as many bytes of the next tile at
+      // the same offset. With the hardware prefetcher alone the loads waited on
+      // memory (the kernel ran at half its in-cache speed inside a decode step).
+      const char* ahead = reinterpret_cast<const char*>(rows[0] + kTile * p.words + w0 * kTile);
+      for (int line = 0; line < kTile * 16 / 64; ++line) __builtin_prefetch(ahead + 64 * line);
+      uint32v v[kQuad];
+      load_quad(rows, w0, v);
+      for (int w = 0; w < kQuad; ++w) word_dot<T>(v[w], xw + (w0 + w) * kPack, x_stride, acc);
     }
-    if (p.half_block) {
-      block_dot<T, A>(qg + p.full_blocks * kPack, true, xg + p.full_blocks * 64, p.x_stride, acc);
+    // The group's scales and zeros of the tile's rows.
+    floatv s, z;
+    for (int r = 0; r < kTile; ++r) {
+      s[r] = static_cast<float>(scales[row_of[r] * p.groups + g]);
+      z[r] = static_cast<float>(zeros[row_of[r] * p.groups + g]);
     }
-    // s * (sum q x - z * sum x) for this group, lane by lane
-    const float s = static_cast<float>(scales[g]), z = static_cast<float>(zeros[g]);
-    for (int m = 0; m < T; ++m) {
-      Lanes a = acc[m][0];
-      for (int u = 1; u < A; ++u) a = add_lanes(a, acc[m][u]);
-      total[m] = add_group(total[m], s, z, a, xsum + (m * p.groups + g) * kPack);
+    for (int m = 0; m < T; ++m) {  // total += s * (sum q x - z * sum x)
+      floatv sum = acc[m][0];
+      for (int c = 1; c < kChains<T>; ++c) sum += acc[m][c];
+      const floatv centred = fmav(-z, splatv(p.xsum[(m0 + m) * p.groups + g]), sum);
+      total[m] = fmav(s, centred, total[m]);
     }
   }
-  for (int m = 0; m < T; ++m) result[m] = sum_lanes(total[m]);
+  const int64_t valid = std::min<int64_t>(kTile, p.n - n0);
+  for (int m = 0; m < T; ++m) {
+    for (int64_t r = 0; r < valid; ++r) out[(m0 + m) * p.n + n0 + r] = static_cast<scalar_t>(total[m][r]);
+  }
 }
 
 // Returns false, having written nothing, when a sum of x is not finite (x holds
@@ -283,48 +301,36 @@ template <typename scalar_t>
 bool gemv_impl(const scalar_t* x, const int32_t* qweight, const scalar_t* scales,
                const scalar_t* zeros, scalar_t* out, int64_t m_size, int64_t n_size, int64_t k_size,
                int64_t groups) {
-  const int64_t group_words = k_size / groups / kPack;
-  const int64_t blocks_per_group = (group_words + kPack - 1) / kPack;
-  const int64_t x_stride = groups * blocks_per_group * 64;
-  // Activations in float32 and block layout (zeros in the empty half of a half
-  // block), and their per-lane group sums: once per call, for all weight rows.
-  std::vector<float> xb(m_size * x_stride, 0.0f), xsum(m_size * groups * kPack, 0.0f);
+  const int64_t words = k_size / kPack;
+  // Activations in float32, nibble order, scaled; and their group sums: once per
+  // call, for all weight rows.
+  std::vector<float> xw(m_size * words * kPack), xsum(m_size * groups, 0.0f);
   for (int64_t m = 0; m < m_size; ++m) {
-    for (int64_t g = 0; g < groups; ++g) {
-      float* xs = xsum.data() + (m * groups + g) * kPack;
-      for (int64_t word = 0; word < group_words; ++word) {
-        const int64_t j = word % kPack;  // lane
-        float* dst = xb.data() + m * x_stride + (g * blocks_per_group + word / kPack) * 64 + j;
-        const scalar_t* src = x + m * k_size + (g * group_words + word) * kPack;
-        for (int i = 0; i < kPack; ++i) {
-          dst[8 * i] = static_cast<float>(src[kOrder[i]]);
-          xs[j] += dst[8 * i];
-        }
+    for (int64_t j = 0; j < words; ++j) {
+      const scalar_t* src = x + m * k_size + j * kPack;
+      float* dst = xw.data() + (m * words + j) * kPack;
+      float& sum = xsum[m * groups + j * kPack * groups / k_size];
+      for (int i = 0; i < kPack; ++i) {
+        const float value = static_cast<float>(src[kOrder[i]]);
+        dst[i] = i == kPack - 1 ? value : std::ldexp(value, -4 * i);
+        sum += value;
       }
     }
   }
   for (const float sum : xsum) {
     if (!std::isfinite(sum)) return false;
   }
-  const Gemv p{groups, group_words, group_words / kPack, blocks_per_group, x_stride,
-               kPrefetchWords / group_words, group_words % kPack != 0, xb.data(), xsum.data()};
-  at::parallel_for(0, n_size, kRowsPerTask, [&](int64_t begin, int64_t end) {
-    float result[kMaxTile];
-    for (int64_t n = begin; n < end; ++n) {
-      const int32_t* q = qweight + n * (k_size / kPack);
-      const scalar_t* s = scales + n * groups;
-      const scalar_t* z = zeros + n * groups;
-      // Tiles of up to kMaxTile activation rows while this weight row is in L1.
-      for (int64_t m0 = 0; m0 < m_size; m0 += kMaxTile) {
-        const int64_t tile = std::min<int64_t>(kMaxTile, m_size - m0);
-        switch (tile) {
-          case 4: rows_dot<scalar_t, 4>(p, m0, q, s, z, result); break;
-          case 3: rows_dot<scalar_t, 3>(p, m0, q, s, z, result); break;
-          case 2: rows_dot<scalar_t, 2>(p, m0, q, s, z, result); break;
-          default: rows_dot<scalar_t, 1>(p, m0, q, s, z, result); break;
-        }
-        for (int64_t m = 0; m < tile; ++m) {
-          out[(m0 + m) * n_size + n] = static_cast<scalar_t>(result[m]);
+  const Gemv p{n_size, words, groups, words / groups / kQuad, xw.data(), xsum.data()};
+  const int64_t tiles = (n_size + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, kTilesPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t n0 = tile * kTile;
+      for (int64_t m0 = 0; m0 < m_size; m0 += kMaxTokens) {  // the tile stays in L1 meanwhile
+        switch (std::min<int64_t>(kMaxTokens, m_size - m0)) {
+          case 4: tile_dot<scalar_t, 4>(p, m0, n0, qweight, scales, zeros, out); break;
+          case 3: tile_dot<scalar_t, 3>(p, m0, n0, qweight, scales, zeros, out); break;
+          case 2: tile_dot<scalar_t, 2>(p, m0, n0, qweight, scales, zeros, out); break;
+          default: tile_dot<scalar_t, 1>(p, m0, n0, qweight, scales, zeros, out); break;
         }
       }
     }
