@@ -256,7 +256,12 @@ def try_load(name: str, device_type: str, arch: Optional[str] = None) -> Optiona
         return None
 
 
+# kernels._extension's answers: (MINIDEPLOY_KERNELS value, extension, device) -> module or None.
+resolved: dict = {}
+
+
 def clear_caches() -> None:
     """Forget loaded extensions and past failures (tests, or after installing a compiler)."""
     load.cache_clear()
     try_load.cache_clear()
+    resolved.clear()

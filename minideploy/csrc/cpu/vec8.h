@@ -9,9 +9,12 @@
 
 #include <cstdint>
 #include <cstring>
-#if defined(__FMA__)
+#if defined(__FMA__) || defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 namespace vec8 {
 
@@ -34,6 +37,31 @@ inline float8 to_float8(const scalar_t* p) {
   for (int j = 0; j < kLanes; ++j) v[j] = static_cast<float>(p[j]);
   return v;
 }
+
+// The 16-bit types in one or two instructions rather than 8 scalar conversions
+// (c10's are bit manipulations gcc does not vectorise: a bfloat16 LM head ran no
+// faster than a float32 one, a float16 one 2.5x slower). Same values: both
+// conversions to float32 are exact.
+typedef uint16_t uint16x8 __attribute__((vector_size(16)));
+
+template <>
+inline float8 to_float8(const c10::BFloat16* p) {  // bfloat16 is float32's upper half
+#if defined(__AVX2__)
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (float8)_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16);
+#else
+  uint16x8 bits;
+  std::memcpy(&bits, p, sizeof bits);
+  return (float8)(__builtin_convertvector(bits, int32x8) << 16);
+#endif
+}
+
+#if defined(__F16C__)
+template <>
+inline float8 to_float8(const c10::Half* p) {
+  return (float8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
 
 // x in every lane (one broadcast; `float8{} + x` would also add, as 0 + -0 is +0).
 inline float8 splat8(float x) { return float8{x, x, x, x, x, x, x, x}; }
