@@ -46,12 +46,24 @@ constexpr int64_t kRowsPerTask = 36;
 // out[m * out_stride + r] = x[m] . w[r] for R weight rows w[r] = w + r * k_size and T
 // activation rows x[m] = x + m * k_size: R x T independent 8-lane sums, each over k in
 // order, its lanes summed by sum8 at the end (the same order for every R and T).
+// prefetch_next: this is the first pass over the R rows (see below).
 template <int R, int T, typename scalar_t>
 inline void dot_tile(const scalar_t* __restrict x, const scalar_t* __restrict w, int64_t k_size,
-                     scalar_t* out, int64_t out_stride) {
+                     scalar_t* out, int64_t out_stride, bool prefetch_next) {
   float8 partial[R][T] = {};
   int64_t k = 0;
+  // On the first pass over these rows, ask for the next R rows (contiguous after them)
+  // meanwhile, R * 8 elements an iteration. With the hardware prefetcher alone the LM
+  // head of a default-model decode step took 6.3-6.6 ms in float32 and 4.9-5.4 ms in
+  // float16; with this, 5.3-5.6 and 3.0-3.5 (interleaved runs on one 2-core machine).
+  // Past the last row it asks for memory it never reads: a prefetch does not fault.
+  const char* ahead = reinterpret_cast<const char*>(w + R * k_size);
   for (; k + kLanes <= k_size; k += kLanes) {
+    if (prefetch_next) {
+      for (int line = 0; line < R * kLanes * static_cast<int>(sizeof(scalar_t)); line += 64) {
+        __builtin_prefetch(ahead + R * k * sizeof(scalar_t) + line);
+      }
+    }
     float8 wv[R];
     for (int r = 0; r < R; ++r) wv[r] = to_float8(w + r * k_size + k);
     for (int m = 0; m < T; ++m) {
@@ -76,14 +88,14 @@ inline void row_block(const scalar_t* x, const scalar_t* w, scalar_t* out, int64
                       int64_t n_size, int64_t k_size) {
   int64_t m = 0;
   for (; m + kTile <= m_size; m += kTile) {
-    dot_tile<R, kTile>(x + m * k_size, w, k_size, out + m * n_size, n_size);
+    dot_tile<R, kTile>(x + m * k_size, w, k_size, out + m * n_size, n_size, m == 0);
   }
   const scalar_t* xm = x + m * k_size;
   scalar_t* om = out + m * n_size;
   switch (m_size - m) {
-    case 3: dot_tile<R, 3>(xm, w, k_size, om, n_size); break;
-    case 2: dot_tile<R, 2>(xm, w, k_size, om, n_size); break;
-    case 1: dot_tile<R, 1>(xm, w, k_size, om, n_size); break;
+    case 3: dot_tile<R, 3>(xm, w, k_size, om, n_size, m == 0); break;
+    case 2: dot_tile<R, 2>(xm, w, k_size, om, n_size, m == 0); break;
+    case 1: dot_tile<R, 1>(xm, w, k_size, om, n_size, m == 0); break;
     default: break;
   }
 }
