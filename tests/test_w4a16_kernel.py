@@ -272,27 +272,24 @@ def test_empty_inputs():
 
 
 # Instruction sets the CPU kernel is also built for, below what this machine may have:
-# 16-lane vectors as two AVX2 registers (no AVX-512), and plain code (no AVX, no FMA),
-# what non-x86 machines run. Flags after -march=native switch its extensions off.
+# AVX2 without AVX-512 (8-lane tiles), and plain code (no AVX, no FMA), what non-x86
+# machines run. Flags after -march=native switch its extensions off.
 PORTABLE_BUILDS = {"avx2": ["-mno-avx512f"], "plain": ["-mno-avx", "-mno-fma"]}
 
 
 @pytest.fixture(scope="module", params=sorted(PORTABLE_BUILDS))
 def portable_cpu_extension(request):
-    """The CPU kernel built for a smaller instruction set. Compiled once per source
-    version (about a minute each)."""
-    import hashlib
-
+    """The CPU kernel built for a smaller instruction set, as `build` builds the real one
+    plus those flags. Compiled once per source version (about a minute each)."""
     from torch.utils import cpp_extension
 
-    sources = [build.CSRC / "cpu" / "w4a16.cpp", build.CSRC / "cpu" / "vec8.h"]
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
-    name = f"minideploy_w4a16_{request.param}_{digest}"
+    source = build.CSRC / "cpu" / "w4a16.cpp"
+    flags = build._flags("cpu", None)
+    flags["extra_cflags"] += PORTABLE_BUILDS[request.param]
+    name = f"minideploy_w4a16_{request.param}_{build.build_key([source], 'cpu', None, flags)}"
     directory = build.cache_root() / name
     directory.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(name=name, sources=[str(sources[0])], build_directory=str(directory),
-                              extra_cflags=[*build.CPU_CFLAGS, *PORTABLE_BUILDS[request.param]],
-                              extra_ldflags=list(build.CPU_LDFLAGS))
+    return cpp_extension.load(name=name, sources=[str(source)], build_directory=str(directory), **flags)
 
 
 @pytest.mark.parametrize("n,k,group", SHAPES)

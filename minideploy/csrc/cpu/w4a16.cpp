@@ -51,9 +51,6 @@
 
 namespace {
 
-using vec8::float8;
-using vec8::fma8;
-
 constexpr int kPack = 8;                // int4 values per int32 word
 constexpr int64_t kGroupMultiple = 32;  // reference.W4_GROUP_MULTIPLE
 constexpr int kOrder[kPack] = {0, 2, 4, 6, 1, 3, 5, 7};  // nibble i holds k = 8j + kOrder[i]
