@@ -14,11 +14,17 @@ GPU; native decode replays CUDA graphs (one per batch bucket) with the greedy
 token fed back on the device, timed with CUDA events; HF `generate` on a
 same-shaped model; and the weight-streaming limit, weight bytes over the
 measured copy bandwidth; then the same model RTN-quantized to W4A16 (g128)
-and timed again (`--w4a16-group-size 0` skips it); `--profile` adds GPU time
-per kernel of a bs-1 step. Writes figures/decode_<gpu>.json.
+and timed again (`--w4a16-group-size 0` skips it). Each model is also timed at
+batch 1 from a graph captured with programmatic dependent launch off
+(MINIDEPLOY_PDL=0, csrc/cuda/launch.cuh): what overlapping the kernels is
+worth. `--profile` adds GPU time per kernel of a bs-1 step, also measured with
+PDL off: with it on, a kernel's time includes its wait for the one before.
+Writes figures/decode_<gpu>.json.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 
 import torch
@@ -209,19 +215,38 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
 
 
+@contextlib.contextmanager
+def pdl_off():
+    """Kernels launched meanwhile (or captured into a graph) run one after the other."""
+    before = os.environ.get("MINIDEPLOY_PDL")
+    os.environ["MINIDEPLOY_PDL"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MINIDEPLOY_PDL"]
+        else:
+            os.environ["MINIDEPLOY_PDL"] = before
+
+
 def time_graphs(model, cache, batches: list[int], args, label: str) -> dict:
-    """Decode tokens/s per batch: CUDA-graph replay, and the eager loop for `--eager-batches`."""
+    """Decode tokens/s per batch: CUDA-graph replay, the eager loop for `--eager-batches`,
+    and at the smallest batch a graph captured with PDL off ("graph_no_pdl")."""
     graphs = CUDAGraphDecoder(model, cache, buckets=batches)
     graphs.capture()
     eager = CUDAGraphDecoder(model, cache, buckets=batches)  # never captured: the eager loop
+    no_pdl = CUDAGraphDecoder(model, cache, buckets=batches[:1])
+    with pdl_off():
+        no_pdl.capture()
     native = {}
     for batch in batches:
         prompts = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len), device="cuda")
         first = graphs.prefill(prompts)
         positions = torch.full((batch,), args.prompt_len, device="cuda")
         row = {}
-        for name, decoder in (("graph", graphs), ("eager", eager)):
-            if name == "eager" and batch not in args.eager_batches:
+        for name, decoder in (("graph", graphs), ("eager", eager), ("graph_no_pdl", no_pdl)):
+            if ((name == "eager" and batch not in args.eager_batches)
+                    or (name == "graph_no_pdl" and batch != batches[0])):
                 continue
             seconds = time_fn(lambda: decoder.greedy(first, positions, args.new_tokens), warmup=1,
                               repeats=args.repeats, device="cuda")
@@ -229,12 +254,16 @@ def time_graphs(model, cache, batches: list[int], args, label: str) -> dict:
                          "tokens_per_s": batch * args.new_tokens / describe(seconds)["median"]}
         native[batch] = row
         print(f"{label} bs {batch:3d}: graph {row['graph']['tokens_per_s']:8.1f} tok/s"
-              + (f" | eager {row['eager']['tokens_per_s']:.1f}" if "eager" in row else ""), flush=True)
+              + (f" | eager {row['eager']['tokens_per_s']:.1f}" if "eager" in row else "")
+              + (f" | graph, PDL off {row['graph_no_pdl']['tokens_per_s']:.1f}" if "graph_no_pdl" in row else ""),
+              flush=True)
     return native
 
 
 def profile_step(model, cache, args, steps: int = 8) -> list[dict]:
-    """GPU time per kernel over `steps` eager bs-1 decode steps: where a step's time goes."""
+    """GPU time per kernel over `steps` eager bs-1 decode steps: where a step's time goes.
+
+    With PDL off: a kernel launched early would count its wait for the one before."""
     from torch.profiler import ProfilerActivity, profile
 
     decoder = CUDAGraphDecoder(model, cache, buckets=[1])
@@ -242,7 +271,7 @@ def profile_step(model, cache, args, steps: int = 8) -> list[dict]:
     positions = torch.full((1,), args.prompt_len, device="cuda")
     decoder.greedy(first, positions, 2)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with pdl_off(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         decoder.greedy(first, positions, steps)
         torch.cuda.synchronize()
     rows = [{"kernel": e.key[:120], "calls_per_step": e.count / steps,

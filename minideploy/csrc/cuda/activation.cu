@@ -15,6 +15,8 @@
 
 #include <torch/extension.h>
 
+#include "launch.cuh"
+
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -52,6 +54,7 @@ __device__ __forceinline__ T silu_mul(T gate, T up) {
 template <typename T, int VEC>
 __global__ void silu_and_mul_kernel(const T* __restrict__ gate_up, T* __restrict__ out,
                                     int64_t num_tokens, int64_t width) {
+  minideploy::let_next_start_then_wait();  // launch.cuh
   struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
   const int64_t packs_per_row = width / VEC;
   const int64_t total = num_tokens * packs_per_row;
@@ -98,11 +101,11 @@ void launch(const at::Tensor& gate_up, at::Tensor& out, cudaStream_t stream) {
   const int64_t total = num_tokens * (vectorised ? width / kVec : width);
   const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 65535 * 8);
   if (vectorised) {
-    silu_and_mul_kernel<T, kVec><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        in, o, num_tokens, width);
+    minideploy::launch(silu_and_mul_kernel<T, kVec>, static_cast<unsigned>(blocks), kThreads, 0,
+                       stream, in, o, num_tokens, width);
   } else {
-    silu_and_mul_kernel<T, 1><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        in, o, num_tokens, width);
+    minideploy::launch(silu_and_mul_kernel<T, 1>, static_cast<unsigned>(blocks), kThreads, 0,
+                       stream, in, o, num_tokens, width);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -63,6 +63,8 @@
 
 #include <torch/extension.h>
 
+#include "launch.cuh"
+
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -104,6 +106,7 @@ __global__ void store_kv_kernel(const Unit* __restrict__ k, const Unit* __restri
                                 const slot_t* __restrict__ slots, int64_t num_tokens,
                                 int64_t row_units, int64_t k_stride, int64_t v_stride,
                                 int64_t num_slots) {
+  minideploy::let_next_start_then_wait();  // launch.cuh
   const int64_t per_tensor = num_tokens * row_units;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        idx < 2 * per_tensor; idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -260,6 +263,7 @@ decode_attention_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
                         const int* __restrict__ context_lens, T* __restrict__ out,
                         float* __restrict__ part_out, float* __restrict__ part_max,
                         float* __restrict__ part_sum, DecodeParams p) {
+  minideploy::let_next_start_then_wait();  // launch.cuh
   constexpr int PE = PackSize<T>::value;  // elements per 16-byte pack
   constexpr int E = NP * PE;              // elements of a row per lane
   constexpr int U = FloatTuning<HPB>::U;
@@ -514,6 +518,7 @@ decode_attention_reduce_kernel(const float* __restrict__ part_out,
                                const int* __restrict__ context_lens, T* __restrict__ out,
                                int num_heads, int head_dim, int num_parts, int partition,
                                int64_t capacity) {
+  minideploy::let_next_start_then_wait();  // launch.cuh
   extern __shared__ float weights[];  // [num_parts]
   const int head = blockIdx.x, b = blockIdx.y;
   const int len = context_lens[b];
@@ -567,6 +572,7 @@ store_kv_quant_kernel(const T* __restrict__ k, const T* __restrict__ v, uint8_t*
                       float2* __restrict__ v_params, const slot_t* __restrict__ slots,
                       int64_t num_tokens, int kv_heads, int head_dim, int64_t k_stride,
                       int64_t v_stride, int64_t num_slots) {
+  minideploy::let_next_start_then_wait();  // launch.cuh
   constexpr float qmax = static_cast<float>((1 << Bits) - 1);
   const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
@@ -685,6 +691,7 @@ decode_attention_quant_kernel(const void* __restrict__ q, const uint8_t* __restr
                               const int* __restrict__ context_lens, void* __restrict__ out,
                               float* __restrict__ part_out, float* __restrict__ part_max,
                               float* __restrict__ part_sum, DecodeParams p, int dtype) {
+  minideploy::let_next_start_then_wait();  // launch.cuh
   using Pack = typename CodePack<Bits, E>::type;
   constexpr int U = QuantTuning<HPB, E>::U;
   constexpr float kOffset = Bits == 4 ? 1024.0f : 0.0f;  // what unpack_codes adds to a code
@@ -1103,7 +1110,7 @@ void launch_store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cac
   const int64_t row_units = k.size(1) * k.size(2) * elem / unit;
   const int64_t total = 2 * num_tokens * row_units;
   const int64_t blocks = std::min<int64_t>((total + kStoreThreads - 1) / kStoreThreads, 65535 * 8);
-  store_kv_kernel<Unit, slot_t><<<static_cast<unsigned>(blocks), kStoreThreads, 0, stream>>>(
+  minideploy::launch(store_kv_kernel<Unit, slot_t>, static_cast<unsigned>(blocks), kStoreThreads, 0, stream,
       static_cast<const Unit*>(k.data_ptr()), static_cast<const Unit*>(v.data_ptr()),
       static_cast<Unit*>(k_cache.data_ptr()), static_cast<Unit*>(v_cache.data_ptr()),
       slots.data_ptr<slot_t>(), num_tokens, row_units, k.stride(0) * elem / unit,
@@ -1118,7 +1125,7 @@ void launch_store_kv_quant(const at::Tensor& k, const at::Tensor& v, at::Tensor&
                            const at::Tensor& slots, int64_t num_slots, cudaStream_t stream) {
   const int64_t rows = 2 * k.size(0) * k.size(1);
   const int64_t blocks = (rows * kWarpSize + kStoreThreads - 1) / kStoreThreads;
-  store_kv_quant_kernel<T, Bits, slot_t><<<static_cast<unsigned>(blocks), kStoreThreads, 0, stream>>>(
+  minideploy::launch(store_kv_quant_kernel<T, Bits, slot_t>, static_cast<unsigned>(blocks), kStoreThreads, 0, stream,
       reinterpret_cast<const T*>(k.data_ptr()), reinterpret_cast<const T*>(v.data_ptr()),
       k_cache.data_ptr<uint8_t>(), v_cache.data_ptr<uint8_t>(),
       reinterpret_cast<float2*>(k_params.data_ptr<float>()),
@@ -1216,7 +1223,7 @@ void launch_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   const dim3 grid(static_cast<unsigned>(p.kv_heads * head_blocks), static_cast<unsigned>(q.size(0)),
                   static_cast<unsigned>(p.num_parts));
   const size_t smem = shared_bytes(HPB, p.head_dim);
-  decode_attention_kernel<T, L, NP, HPB><<<grid, kThreads, smem, stream>>>(
+  minideploy::launch(decode_attention_kernel<T, L, NP, HPB>, grid, kThreads, smem, stream,
       reinterpret_cast<const T*>(q.data_ptr()), reinterpret_cast<const T*>(k_cache.data_ptr()),
       reinterpret_cast<const T*>(v_cache.data_ptr()), block_tables.data_ptr<int>(),
       context_lens.data_ptr<int>(), reinterpret_cast<T*>(out.data_ptr()), part_out, part_max,
@@ -1280,7 +1287,7 @@ void launch_decode_quant(const QuantBuffers& d, const DecodeParams& p, int64_t b
   const int head_blocks = (p.group + HPB - 1) / HPB;
   const dim3 grid(static_cast<unsigned>(p.kv_heads * head_blocks), static_cast<unsigned>(batch),
                   static_cast<unsigned>(p.num_parts));
-  decode_attention_quant_kernel<Bits, E, L, HPB><<<grid, kThreads, shared_bytes(HPB, p.head_dim), stream>>>(
+  minideploy::launch(decode_attention_quant_kernel<Bits, E, L, HPB>, grid, kThreads, shared_bytes(HPB, p.head_dim), stream,
       d.q, d.k, d.v, d.k_params, d.v_params, d.tables, d.lens, d.out, d.po, d.pm, d.ps, p, d.dtype);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -1437,7 +1444,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
     const size_t smem = sizeof(float) * num_parts;
     auto reduce = [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      decode_attention_reduce_kernel<T><<<grid, kThreads, smem, stream>>>(
+      minideploy::launch(decode_attention_reduce_kernel<T>, grid, kThreads, smem, stream,
           po, pm, ps, context_lens.data_ptr<int>(), reinterpret_cast<T*>(out.data_ptr()),
           p.num_heads, p.head_dim, p.num_parts, p.partition, capacity);
     };

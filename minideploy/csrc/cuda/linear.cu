@@ -26,6 +26,8 @@
 
 #include <torch/extension.h>
 
+#include "launch.cuh"
+
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -77,6 +79,7 @@ __global__ void gemv_kernel(const T* __restrict__ x, const T* __restrict__ weigh
                             int m_size, int n_size, int k_size) {
   const int row = blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
+  minideploy::wait_for_previous_kernel();  // launch.cuh
   if (row >= n_size) return;
   const uint4* w = reinterpret_cast<const uint4*>(weight + static_cast<int64_t>(row) * k_size);
   const int packs = k_size / kPack;
@@ -109,6 +112,7 @@ __global__ void gemv_kernel(const T* __restrict__ x, const T* __restrict__ weigh
       }
     }
   }
+  minideploy::let_next_kernel_start();  // launch.cuh: only the epilogue is left
 #pragma unroll
   for (int m = 0; m < kM; ++m) {
     const float total = warp_sum(acc[m]);
@@ -137,6 +141,7 @@ gemv_split_k_kernel(const T* __restrict__ x, const T* __restrict__ weight, T* __
 #pragma unroll
     for (int m = 0; m < kM; ++m) acc[r][m] = 0.0f;
 
+  minideploy::wait_for_previous_kernel();  // launch.cuh
   for (int base = warp * kWarpSize + lane; base < packs; base += kStride * kSliceLoads) {
     uint4 wv[kSliceLoads][kRows];
 #pragma unroll
@@ -169,6 +174,7 @@ gemv_split_k_kernel(const T* __restrict__ x, const T* __restrict__ weight, T* __
       }
     }
   }
+  minideploy::let_next_kernel_start();  // launch.cuh: only the epilogue is left
 #pragma unroll
   for (int r = 0; r < kRows; ++r)
 #pragma unroll
@@ -192,10 +198,10 @@ template <int kM, typename T>
 void launch_version(int version, const T* xp, const T* wp, T* op, int m, int n, int k, cudaStream_t stream) {
   if (version == 1) {
     const dim3 grid((n + kWarpsPerBlock - 1) / kWarpsPerBlock), block(kWarpsPerBlock * kWarpSize);
-    gemv_kernel<T, kM><<<grid, block, 0, stream>>>(xp, wp, op, m, n, k);
+    minideploy::launch(gemv_kernel<T, kM>, grid, block, 0, stream, xp, wp, op, m, n, k);
   } else {
     const dim3 grid((n + kRows - 1) / kRows), block(kSplitWarps * kWarpSize);
-    gemv_split_k_kernel<T, kM><<<grid, block, 0, stream>>>(xp, wp, op, m, n, k);
+    minideploy::launch(gemv_split_k_kernel<T, kM>, grid, block, 0, stream, xp, wp, op, m, n, k);
   }
 }
 

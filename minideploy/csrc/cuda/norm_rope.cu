@@ -31,6 +31,8 @@
 
 #include <torch/extension.h>
 
+#include "launch.cuh"
+
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -100,6 +102,7 @@ __global__ void rms_norm_kernel(const scalar_t* __restrict__ x,
                                 const scalar_t* __restrict__ residual,
                                 const scalar_t* __restrict__ weight, scalar_t* __restrict__ out,
                                 scalar_t* __restrict__ sum, int64_t hidden, float eps) {
+  minideploy::let_next_start_then_wait();  // launch.cuh
   using P = Pack<scalar_t, VEC>;
   const int64_t row = blockIdx.x;
   const int64_t packs = hidden / VEC;
@@ -151,6 +154,7 @@ __global__ void rope_kernel(const scalar_t* __restrict__ q, const scalar_t* __re
                             const float* __restrict__ cos_sin, scalar_t* __restrict__ q_out,
                             scalar_t* __restrict__ k_out, int64_t num_tokens, int num_heads,
                             int num_kv_heads, int half, int64_t max_positions) {
+  minideploy::let_next_start_then_wait();  // launch.cuh
   const int heads = num_heads + num_kv_heads;
   const int64_t total = num_tokens * heads * half;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
@@ -278,11 +282,9 @@ void launch_rms_norm(const at::Tensor& x, const at::Tensor* residual, const at::
     const dim3 grid(static_cast<unsigned>(num_tokens));
     const float feps = static_cast<float>(eps);
     if (vectorised) {
-      rms_norm_kernel<scalar_t, kVec, ADD>
-          <<<grid, threads, 0, stream>>>(x_ptr, r_ptr, w_ptr, o_ptr, s_ptr, hidden, feps);
+      minideploy::launch(rms_norm_kernel<scalar_t, kVec, ADD>, grid, threads, 0, stream, x_ptr, r_ptr, w_ptr, o_ptr, s_ptr, hidden, feps);
     } else {
-      rms_norm_kernel<scalar_t, 1, ADD>
-          <<<grid, threads, 0, stream>>>(x_ptr, r_ptr, w_ptr, o_ptr, s_ptr, hidden, feps);
+      minideploy::launch(rms_norm_kernel<scalar_t, 1, ADD>, grid, threads, 0, stream, x_ptr, r_ptr, w_ptr, o_ptr, s_ptr, hidden, feps);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -359,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "rope", [&] {
     auto run = [&](auto pos_tag) {
       using pos_t = decltype(pos_tag);
-      rope_kernel<scalar_t, pos_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      minideploy::launch(rope_kernel<scalar_t, pos_t>, static_cast<unsigned>(blocks), kThreads, 0, stream,
           q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), positions.data_ptr<pos_t>(),
           cos_sin.data_ptr<float>(), q_out.data_ptr<scalar_t>(), k_out.data_ptr<scalar_t>(),
           num_tokens, static_cast<int>(q.size(1)), static_cast<int>(k.size(1)),

@@ -92,10 +92,12 @@
 //    read a k-step instead of four 2-byte gathers over 8 rows: L1 passes per KB of
 //    qweight 52 -> ~22, counted from the source): 1.3-2.6 us slower a call, no faster
 //    replayed. So neither bytes in flight nor L1 passes seem to set the 82%;
-//  - programmatic dependent launch (griddepcontrol.wait before the first load): 0.2-0.7
-//    us less a call replayed back to back, not enough to carry the versions above;
-//    launch_dependents at the start let the next call's blocks take a one-wave grid's
-//    free slots early and run unevenly (16 tokens, 11008 -> 4096: 19.7 -> 25.4 us).
+//  - programmatic dependent launch alone (griddepcontrol.wait before the first load): 0.2-0.7
+//    us less a call replayed back to back; launch_dependents at the start let the next
+//    call's blocks take a one-wave grid's free slots early and run unevenly (16 tokens,
+//    11008 -> 4096: 19.7 -> 25.4 us). Every kernel of a decode step now launches that way
+//    (launch.cuh), the GEMVs with launch_dependents after their main loop: in a whole
+//    7B decode step it is worth 7-9% (launch.cuh has the numbers).
 //
 // Fragment layout (PTX ISA, mma.m16n8k16 with .f16/.bf16 inputs), lane =
 // 4 * gid + tid: A (16 x 16, row-major) registers a0 = A[gid][2tid, 2tid+1],
@@ -116,6 +118,8 @@
 // served by dequantize() followed by torch's matmul: correct, not fast.
 
 #include <torch/extension.h>
+
+#include "launch.cuh"
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -310,6 +314,8 @@ __global__ void __launch_bounds__(kWarps* kWarpSize, kMinBlocks[kTokenTiles])
     for (int i = 0; i < 4; ++i) acc[tt][i] = 0.0f;
   }
 
+  minideploy::wait_for_previous_kernel();  // launch.cuh
+
   // c0: this lane's chunk in the first k-step of a batch (k-steps warp + i * kWarps).
   for (int c0 = warp * kStepChunks + tid; c0 - tid < chunks; c0 += kInFlight * kStride) {
     // Issue every load of kInFlight k-steps (weights, scales, zeros and x) before
@@ -375,6 +381,7 @@ __global__ void __launch_bounds__(kWarps* kWarpSize, kMinBlocks[kTokenTiles])
     }
   }
 
+  minideploy::let_next_kernel_start();  // launch.cuh: only the epilogue is left
   // Sum the kWarps partial tiles: acc[tt] = C[row][token] with rows gid, gid+8
   // and tokens 8tt + 2tid, 8tt + 2tid + 1.
   __shared__ float partial[kWarps][kTokenTiles * kTileTokens][kTileRows];
@@ -521,6 +528,8 @@ __global__ void __launch_bounds__(kWarps* kWarpSize, kMinB)
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[tt][i] = 0.0f;
 
+  minideploy::wait_for_previous_kernel();  // launch.cuh
+
   for (int c0 = warp * kStepChunks + tid; c0 - tid < chunks; c0 += kSteps * kStride) {
     uint4 wq[kSteps][2], xq[kSteps][kTokenTiles][4];
     uint16_t sb[kSteps][2], zb[kSteps][2];
@@ -595,6 +604,7 @@ __global__ void __launch_bounds__(kWarps* kWarpSize, kMinB)
     }
   }
 
+  minideploy::let_next_kernel_start();  // launch.cuh: only the epilogue is left
   __shared__ float partial[kWarps][kTokenTiles * kTileTokens][kTileRows];
 #pragma unroll
   for (int tt = 0; tt < kTokenTiles; ++tt) {
@@ -657,6 +667,7 @@ __global__ void __launch_bounds__(kDequantThreads)
     w4_dequantize_kernel(const uint32_t* __restrict__ qweight, const S* __restrict__ scales,
                          const S* __restrict__ zeros, T* __restrict__ out, int words_per_row,
                          int groups, int words_per_group) {
+  minideploy::let_next_start_then_wait();  // launch.cuh
   const int64_t row = blockIdx.x;
   const int j = blockIdx.y * kDequantThreads + threadIdx.x;
   if (j >= words_per_row) return;
@@ -771,7 +782,7 @@ void launch_dequantize(const at::Tensor& qweight, const at::Tensor& scales, cons
   const int words_per_group = static_cast<int>(words_per_row / groups);
   const dim3 grid(static_cast<unsigned>(n),
                   static_cast<unsigned>((words_per_row + kDequantThreads - 1) / kDequantThreads));
-  w4_dequantize_kernel<T, S><<<grid, kDequantThreads, 0, stream>>>(
+  minideploy::launch(w4_dequantize_kernel<T, S>, grid, kDequantThreads, 0, stream,
       reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
       reinterpret_cast<const S*>(scales.data_ptr()), reinterpret_cast<const S*>(zeros.data_ptr()),
       reinterpret_cast<T*>(out.data_ptr()), static_cast<int>(words_per_row), groups,
@@ -832,10 +843,10 @@ void launch_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
   // token 0's x again (same addresses, no extra traffic), so bounds 1, 2, 4
   // would compile the same kernel as 8.
   if (m <= kTileTokens) {
-    w4a16_gemv_kernel<T, 1><<<grid, block, 0, stream>>>(xp, qp, sp, zp, op, m, n, k, groups,
+    minideploy::launch(w4a16_gemv_kernel<T, 1>, grid, block, 0, stream, xp, qp, sp, zp, op, m, n, k, groups,
                                                          group_magic);
   } else {
-    w4a16_gemv_kernel<T, 2><<<grid, block, 0, stream>>>(xp, qp, sp, zp, op, m, n, k, groups,
+    minideploy::launch(w4a16_gemv_kernel<T, 2>, grid, block, 0, stream, xp, qp, sp, zp, op, m, n, k, groups,
                                                          group_magic);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -856,10 +867,10 @@ void launch_gemv_v2(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   const uint16_t* zp = reinterpret_cast<const uint16_t*>(zeros.data_ptr());
   T* op = reinterpret_cast<T*>(out.data_ptr());
   if (scale_after) {
-    w4a16_gemv_v2_kernel<T, kTokenTiles, kSteps, true, kMinB><<<grid, block, 0, stream>>>(
+    minideploy::launch(w4a16_gemv_v2_kernel<T, kTokenTiles, kSteps, true, kMinB>, grid, block, 0, stream,
         xp, qp, sp, zp, op, m, n, k, groups, group_magic);
   } else {
-    w4a16_gemv_v2_kernel<T, kTokenTiles, kSteps, false, kMinB><<<grid, block, 0, stream>>>(
+    minideploy::launch(w4a16_gemv_v2_kernel<T, kTokenTiles, kSteps, false, kMinB>, grid, block, 0, stream,
         xp, qp, sp, zp, op, m, n, k, groups, group_magic);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
