@@ -2,8 +2,8 @@
 
 Calls go through `kernels.w4a16_linear` / `kernels.dequantize_w4` with
 MINIDEPLOY_KERNELS=compiled, so a kernel that does not build fails here instead
-of falling back: up to 16 tokens run the GEMV, more tokens dequantize and call
-the matmul. Weights are random 4-bit values packed by `quant.pack.pack_int4`.
+of falling back: up to 16 tokens run the GEMV; on a GPU up to 64 run it 16 at a
+time; more tokens (any number on the CPU) dequantize and call the matmul. Weights are random 4-bit values packed by `quant.pack.pack_int4`.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 # (96), a single group (96 / 96), and g = 32 / 64 / 128 / 192.
 SHAPES = [(1, 96, 32), (7, 96, 96), (33, 576, 64), (960, 576, 64), (576, 1536, 128),
           (1000, 1536, 128), (7, 576, 192)]
-TOKENS = [1, 2, 3, 5, 8, 16, 17, 40]  # above 16 the dispatch dequantizes and multiplies
+TOKENS = [1, 2, 3, 5, 8, 16, 17, 40, 65]  # the GEMV, chunks of it (CUDA), dequantize + matmul
 
 
 def dtypes_for(device: str) -> list[torch.dtype]:

@@ -42,6 +42,11 @@ W4A16 = "w4a16"  # int4-weight linear: GEMV for decode, dequantize + matmul beyo
 # Up to this many tokens the W4A16 GEMV (weights dequantized in registers, read once for
 # every token) is used; a longer prompt dequantizes the weight once and calls the matmul.
 W4A16_GEMV_MAX_TOKENS = 16
+# On a GPU, up to this many tokens still take the GEMV, 16 at a time: each call reads the
+# int4 weights again, fewer bytes than dequantizing them to float16 and reading that back
+# (7B decode on an H100 at batch 32: 2377 tok/s through dequantize + matmul, slower than
+# batch 8's 2677; figures/decode_h100.json).
+W4A16_GEMV_CHUNKED_MAX_TOKENS_CUDA = 64
 ATTENTION = "attention"  # store_kv and decode_attention
 ACTIVATION = "activation"  # silu_and_mul
 
@@ -152,6 +157,9 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         return reference.w4a16_linear(x, qweight, scales, zeros)
     if x.dim() == 2 and x.shape[0] <= W4A16_GEMV_MAX_TOKENS:
         return ext.gemv(x.contiguous(), qweight, scales, zeros)  # checks its inputs itself
+    if x.dim() == 2 and x.is_cuda and x.shape[0] <= W4A16_GEMV_CHUNKED_MAX_TOKENS_CUDA:
+        return torch.cat([ext.gemv(part, qweight, scales, zeros)
+                          for part in x.contiguous().split(W4A16_GEMV_MAX_TOKENS)])
     reference.check_w4a16_args("w4a16_linear", qweight, scales, zeros, x)
     return torch.nn.functional.linear(x, ext.dequantize(qweight, scales, zeros))
 
