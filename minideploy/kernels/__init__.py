@@ -43,10 +43,12 @@ W4A16 = "w4a16"  # int4-weight linear: GEMV for decode, dequantize + matmul beyo
 # every token) is used; a longer prompt dequantizes the weight once and calls the matmul.
 W4A16_GEMV_MAX_TOKENS = 16
 # On a GPU, up to this many tokens still take the GEMV, 16 at a time: each call reads the
-# int4 weights again, fewer bytes than dequantizing them to float16 and reading that back
-# (7B decode on an H100 at batch 32: 2377 tok/s through dequantize + matmul, slower than
-# batch 8's 2677; figures/decode_h100.json).
-W4A16_GEMV_CHUNKED_MAX_TOKENS_CUDA = 64
+# int4 weights again, fewer bytes than dequantizing them to float16 and reading that back.
+# H100, Llama-2-7B shapes (figures/w4a16_h100.json at 0e9f960, where the bound was 64): at
+# 32 tokens two GEMV calls took 47-79 us against 84-160 us for dequantize + cuBLAS, at 64
+# four took 45-155 us against 35-160 (slower on four shapes of five); 7B decode at batch 32
+# 2377 -> 4146 tok/s (figures/decode_h100.json).
+W4A16_GEMV_CHUNKED_MAX_TOKENS_CUDA = 48
 ATTENTION = "attention"  # store_kv and decode_attention
 ACTIVATION = "activation"  # silu_and_mul
 

@@ -79,7 +79,8 @@
 // left is a fixed cost per call: an empty kernel timed the same way takes
 // 3.8 us, and a 4096 x 4096 int4 weight streams in 2.9 us. Calls replayed
 // back to back from a CUDA graph (as in decode) reach 49% / 63% / 62% / 66% /
-// 72%, 2.7-3.8x cuBLAS replayed the same way. At 16 tokens, 27-40% (1.6-1.8x
+// 72%, 2.7-3.8x cuBLAS replayed the same way; launched to overlap the call
+// before (launch.cuh), 54% / 67% / 66% / 69% / 76%. At 16 tokens, 27-40% (1.6-1.8x
 // cuBLAS): every block reads all of x from L2, 4x the bytes of its weights.
 // Replayed, the five shapes fit ~2.6 us a call plus the bytes at ~2.5 TB/s (82%).
 // Tried on an H100 against version 2 in the same runs (2026-11-25, medians of 20-30
