@@ -92,6 +92,35 @@ def test_linear_matches_reference(device, tokens, n, k, group):
         assert_matches(kernels.w4a16_linear(x, qweight, scales, zeros), x, qweight, scales, zeros)
 
 
+# [gate | up] weights for the fused SwiGLU activation: 2 x 13 rows (13 features: a tile of
+# 8 and a ragged one), 2 x 480 (the default model's intermediate size is 1536; 480 keeps it fast).
+GATED_SHAPES = [(26, 96, 32), (960, 576, 64)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,k,group", GATED_SHAPES)
+@pytest.mark.parametrize("tokens", [1, 5, 16, 17, 40, 65])
+def test_silu_and_mul_of_a_w4a16_gate_up_matches_the_two_ops(device, tokens, n, k, group):
+    """The fused kernel (CUDA: the GEMV's epilogue) gives exactly what the GEMV followed by
+    silu_and_mul gives, and both match the reference."""
+    for dtype in dtypes_for(device):
+        qweight, scales, zeros = random_weight(n, k, group, dtype, device, seed=n + tokens)
+        x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tokens)).to(dtype).to(device)
+        fused = kernels.w4a16_silu_and_mul(x, qweight, scales, zeros)
+        two_ops = kernels.silu_and_mul(kernels.w4a16_linear(x, qweight, scales, zeros))
+        assert fused.shape == (tokens, n // 2) and fused.dtype == dtype
+        assert torch.equal(fused, two_ops)
+        # Against the float32 reference: each of gate and up is off by up to TOL * typical
+        # (assert_matches), and silu(g) * u moves by about |u| + |g| per unit of error.
+        ref = reference.w4a16_silu_and_mul(x.float().cpu(), qweight.cpu(), scales.float().cpu(),
+                                           zeros.float().cpu())
+        gate, up = reference_linear(x, qweight, scales, zeros).chunk(2, dim=-1)
+        w = reference.dequantize_w4(qweight.cpu(), scales.float().cpu(), zeros.float().cpu())
+        typical = x.float().pow(2).mean().sqrt().item() * w.pow(2).mean().sqrt().item() * k ** 0.5
+        bound = 2 * TOL[dtype] * typical * (gate.abs() + up.abs() + typical)
+        assert ((fused.float().cpu() - ref).abs() <= bound).all()
+
+
 # The CUDA GEMV beyond SHAPES: long K, groups of 256 and 384, a long K with a 64-group,
 # and one K that is no multiple of its 128-wide k-steps (a partial last step).
 LONG_SHAPES = SHAPES + [(40, 11008, 128), (33, 4096, 256), (17, 6144, 384), (24, 7168, 64), (9, 6176, 32)]
@@ -134,6 +163,14 @@ CHAIN_SIZES = [4096, 11008, 4096, 11008, 4100]  # 4096 -> 11008 -> 4096 -> 11008
 def chain_weights():
     """(qweight, scales, zeros) on the CPU, float32 scales, for each layer of CHAIN_SIZES."""
     return [random_weight(n, k, 128, seed=i) for i, (k, n) in enumerate(zip(CHAIN_SIZES, CHAIN_SIZES[1:]))]
+
+
+@cuda_only
+def test_cuda_gated_gemv_rejects_an_odd_number_of_rows():
+    qweight, scales, zeros = random_weight(7, 96, 32, torch.float16, "cuda")
+    x = torch.randn(1, 96, dtype=torch.float16, device="cuda")
+    with pytest.raises(RuntimeError, match="even number of rows"):
+        kernels.w4a16_silu_and_mul(x, qweight, scales, zeros)
 
 
 @cuda_only

@@ -10,6 +10,10 @@ can flip it between cells), chooses:
     unset / "auto"  the dispatch above
     "reference"     always the PyTorch reference
     "compiled"      the compiled kernels, raising KernelBuildError if they don't build
+
+On Hopper GPUs the CUDA kernels launch to overlap the kernel before them
+(programmatic dependent launch, csrc/cuda/launch.cuh); MINIDEPLOY_PDL=0, read at
+every launch, turns that off (for A/B timings).
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import torch
 from minideploy.kernels import build, reference
 from minideploy.kernels.build import KernelBuildError, cuda_arch, load, try_load
 
-__all__ = ["rms_norm", "add_rms_norm", "rope", "linear", "w4a16_linear", "dequantize_w4", "store_kv",
+__all__ = ["rms_norm", "add_rms_norm", "rope", "linear", "w4a16_linear", "w4a16_silu_and_mul", "dequantize_w4", "store_kv",
            "decode_attention", "decode_attention_fits", "quantize_kv", "dequantize_kv", "silu_and_mul", "backend_for", "KernelBuildError", "reference"]
 
 ENV_VAR = "MINIDEPLOY_KERNELS"
@@ -164,6 +168,23 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                           for part in x.contiguous().split(W4A16_GEMV_MAX_TOKENS)])
     reference.check_w4a16_args("w4a16_linear", qweight, scales, zeros, x)
     return torch.nn.functional.linear(x, ext.dequantize(qweight, scales, zeros))
+
+
+def w4a16_silu_and_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                       zeros: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a W4A16 [gate | up] linear: x [tokens, K] -> [tokens, out / 2].
+
+    On a GPU the GEMV computes it in its epilogue (a block holds 8 gate rows and their 8
+    up rows): one kernel a layer fewer, and no [tokens, out] intermediate. Elsewhere, and
+    above the GEMV's token bound, w4a16_linear then silu_and_mul; the same roundings."""
+    ext = _extension(W4A16, x.device)
+    if ext is None:
+        return reference.w4a16_silu_and_mul(x, qweight, scales, zeros)
+    if x.dim() == 2 and x.is_cuda and x.shape[0] <= W4A16_GEMV_CHUNKED_MAX_TOKENS_CUDA:
+        parts = [ext.gemv(part, qweight, scales, zeros, gated=True)
+                 for part in x.contiguous().split(W4A16_GEMV_MAX_TOKENS)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    return silu_and_mul(w4a16_linear(x, qweight, scales, zeros))
 
 
 def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:

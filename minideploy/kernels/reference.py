@@ -548,6 +548,12 @@ def check_silu_and_mul_args(gate_up: torch.Tensor) -> None:
     _check_contiguous(op, "gate_up", gate_up)
 
 
+def w4a16_silu_and_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                       zeros: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation of a W4A16 [gate | up] linear: the two ops, in order."""
+    return silu_and_mul(w4a16_linear(x, qweight, scales, zeros))
+
+
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's activation: gate_up [num_tokens, 2 * I] = [gate | up] -> silu(gate) * up [num_tokens, I].
 

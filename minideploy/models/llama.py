@@ -161,6 +161,10 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.weight)
 
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of this [gate | up] linear's output (W4A16Linear fuses the two)."""
+        return kernels.silu_and_mul(self(x))
+
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
@@ -258,7 +262,7 @@ class MLP(nn.Module):
         self.down = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(kernels.silu_and_mul(self.gate_up(x)))  # silu(gate) * up, one pass
+        return self.down(self.gate_up.silu_and_mul(x))  # silu(gate) * up
 
 
 class DecoderLayer(nn.Module):

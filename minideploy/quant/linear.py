@@ -56,6 +56,10 @@ class W4A16Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.w4a16_linear(x, self.qweight, self.scales, self.zeros)
 
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of this [gate | up] linear's output, fused on a GPU (no forward hooks)."""
+        return kernels.w4a16_silu_and_mul(x, self.qweight, self.scales, self.zeros)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"w_bits={self.w_bits}, group_size={self.group_size}")

@@ -99,6 +99,14 @@
 //    11008 -> 4096: 19.7 -> 25.4 us). Every kernel of a decode step now launches that way
 //    (launch.cuh), the GEMVs with launch_dependents after their main loop: in a whole
 //    7B decode step it is worth 7-9% (launch.cuh has the numbers).
+// A lead, measured and not yet built (2026-11-26, H100, graph replay with PDL, three
+// interleaved rounds of 10): the same kernel reading a tile-contiguous layout, where a
+// block's 16 rows are stored k-step by k-step (rows, then the quad's 4 chunks: one warp
+// load reads 512 contiguous bytes instead of 64 from each of 8 rows) and scales and zeros
+// [tile][group][16 rows], ran 5-12% faster at 1 token (4096 -> 22016: 21.1 -> 19.3 us,
+// 76% -> 83% of copy bandwidth; 4096 -> 4096: 5.5 -> 4.9 us) and 7-19% at 16, about
+// 0.14 ms of a 7B W4A16 decode step. It needs a repacking of AutoAWQ's layout at load time
+// (as TurboMind converts weights to its own), kept out of export and sharding.
 //
 // Fragment layout (PTX ISA, mma.m16n8k16 with .f16/.bf16 inputs), lane =
 // 4 * gid + tid: A (16 x 16, row-major) registers a0 = A[gid][2tid, 2tid+1],
@@ -492,7 +500,23 @@ __device__ __forceinline__ float to_float(uint16_t bits, const __nv_bfloat16*) {
   return __bfloat162float(bits_as<__nv_bfloat16>(bits));
 }
 
-template <typename T, int kTokenTiles, int kSteps, bool kScaleAfter, int kMinB>
+// silu(gate) * up from the float32 sums of a gate row and its up row, rounded as the
+// unfused ops round (activation.cu, reference.silu_and_mul): each output to T first,
+// silu in float32 rounded to T, then the product rounded again.
+template <typename T>
+__device__ __forceinline__ T silu_mul(float gate_sum, float up_sum) {
+  const T* tag = nullptr;
+  const float g = to_float(bits_as<uint16_t>(W4<T>::from_float(gate_sum)), tag);
+  const float u = to_float(bits_as<uint16_t>(W4<T>::from_float(up_sum)), tag);
+  const T s = W4<T>::from_float(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))));
+  return W4<T>::from_float(__fmul_rn(to_float(bits_as<uint16_t>(s), tag), u));
+}
+
+// kGated: the weight is SwiGLU's [gate | up] (N = 2I rows) and the block writes
+// silu(gate) * up [M, I]: its tile rows gid are gate rows 8b + gid, rows gid + 8 the up
+// rows of the same features I + 8b + gid, so both halves of a feature meet in the
+// epilogue, one kernel instead of the GEMV and activation.cu's silu_and_mul.
+template <typename T, int kTokenTiles, int kSteps, bool kScaleAfter, int kMinB, bool kGated>
 __global__ void __launch_bounds__(kWarps* kWarpSize, kMinB)
     w4a16_gemv_v2_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
                          const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
@@ -505,13 +529,14 @@ __global__ void __launch_bounds__(kWarps* kWarpSize, kMinB)
   const int gid = lane / 4, tid = lane % 4;
   const int row0 = blockIdx.x * kTileRows;
   const int chunks = k_size / kChunk;
+  const int features = n_size / 2, feature0 = blockIdx.x * (kTileRows / 2);  // kGated
 
   bool row_ok[2];
   unsigned w_row[2], sz_row[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int row = row0 + gid + 8 * r;
-    row_ok[r] = row < n_size;
+    const int row = kGated ? r * features + feature0 + gid : row0 + gid + 8 * r;
+    row_ok[r] = kGated ? feature0 + gid < features : row < n_size;
     w_row[r] = static_cast<unsigned>(min(row, n_size - 1)) * chunks;
     sz_row[r] = static_cast<unsigned>(min(row, n_size - 1)) * groups;
   }
@@ -616,6 +641,21 @@ __global__ void __launch_bounds__(kWarps* kWarpSize, kMinB)
     partial[warp][token + 1][gid + 8] = acc[tt][3];
   }
   __syncthreads();
+  if constexpr (kGated) {
+    for (int i = threadIdx.x; i < kTokenTiles * kTileTokens * (kTileRows / 2); i += blockDim.x) {
+      const int token = i / (kTileRows / 2), r = i % (kTileRows / 2);
+      if (token < m_size && feature0 + r < features) {
+        float gate = 0.0f, up = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+          gate += partial[w][token][r];
+          up += partial[w][token][r + kTileRows / 2];
+        }
+        out[static_cast<int64_t>(token) * features + feature0 + r] = silu_mul<T>(gate, up);
+      }
+    }
+    return;
+  }
   for (int i = threadIdx.x; i < kTokenTiles * kTileTokens * kTileRows; i += blockDim.x) {
     const int token = i / kTileRows, r = i % kTileRows;
     if (token < m_size && row0 + r < n_size) {
@@ -853,7 +893,7 @@ void launch_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int kTokenTiles, int kSteps, int kMinB>
+template <typename T, int kTokenTiles, int kSteps, int kMinB, bool kGated>
 void launch_gemv_v2(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                     const at::Tensor& zeros, at::Tensor& out, cudaStream_t stream, bool scale_after) {
   const int m = static_cast<int>(x.size(0)), n = static_cast<int>(qweight.size(0));
@@ -868,23 +908,23 @@ void launch_gemv_v2(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   const uint16_t* zp = reinterpret_cast<const uint16_t*>(zeros.data_ptr());
   T* op = reinterpret_cast<T*>(out.data_ptr());
   if (scale_after) {
-    minideploy::launch(w4a16_gemv_v2_kernel<T, kTokenTiles, kSteps, true, kMinB>, grid, block, 0, stream,
+    minideploy::launch(w4a16_gemv_v2_kernel<T, kTokenTiles, kSteps, true, kMinB, kGated>, grid, block, 0, stream,
         xp, qp, sp, zp, op, m, n, k, groups, group_magic);
   } else {
-    minideploy::launch(w4a16_gemv_v2_kernel<T, kTokenTiles, kSteps, false, kMinB>, grid, block, 0, stream,
+    minideploy::launch(w4a16_gemv_v2_kernel<T, kTokenTiles, kSteps, false, kMinB, kGated>, grid, block, 0, stream,
         xp, qp, sp, zp, op, m, n, k, groups, group_magic);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T>
+template <typename T, bool kGated>
 void launch_gemv_version(int version, const at::Tensor& x, const at::Tensor& qweight,
                          const at::Tensor& scales, const at::Tensor& zeros, at::Tensor& out,
                          cudaStream_t stream) {
   if (version == 1) return launch_gemv<T>(x, qweight, scales, zeros, out, stream);
   const bool after = (x.size(1) / scales.size(1)) % (kStepChunks * kChunk) == 0;
   if (x.size(0) > kTileTokens) {  // two token tiles: one k-step in flight, 3 blocks an SM
-    return launch_gemv_v2<T, 2, 1, 3>(x, qweight, scales, zeros, out, stream, after);
+    return launch_gemv_v2<T, 2, 1, 3, kGated>(x, qweight, scales, zeros, out, stream, after);
   }
   // One token tile. When every block is resident at once (N <= 32 rows per SM, e.g.
   // 4096 on an H100) a warp has few k-steps: issue 4 at a time (2 blocks an SM);
@@ -893,16 +933,21 @@ void launch_gemv_version(int version, const at::Tensor& x, const at::Tensor& qwe
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()));
   if (blocks <= 2 * sms) {
-    return launch_gemv_v2<T, 1, 4, 2>(x, qweight, scales, zeros, out, stream, after);
+    return launch_gemv_v2<T, 1, 4, 2, kGated>(x, qweight, scales, zeros, out, stream, after);
   }
-  return launch_gemv_v2<T, 1, 2, 3>(x, qweight, scales, zeros, out, stream, after);
+  return launch_gemv_v2<T, 1, 2, 3, kGated>(x, qweight, scales, zeros, out, stream, after);
 }
 
+// gated: silu(gate) * up [M, N / 2] of the [gate | up] weight (kGated above; version 2).
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                const at::Tensor& zeros, int64_t version) {
-  const char* op = "w4a16_linear";
+                const at::Tensor& zeros, int64_t version, bool gated) {
+  const char* op = gated ? "w4a16_silu_and_mul" : "w4a16_linear";
   check_w4a16_args(op, qweight, scales, zeros, &x);
   TORCH_CHECK(version == 1 || version == 2, op, ": version must be 1 or 2, got ", version);
+  TORCH_CHECK(!gated || version == 2, op, ": the gated GEMV is version 2 only, got version ", version);
+  TORCH_CHECK(!gated || qweight.size(0) % 2 == 0, op,
+              ": a [gate | up] weight has an even number of rows (out_features), got qweight ",
+              shape_str(qweight));
   TORCH_CHECK(x.size(0) <= kMaxTokens, op, ": the CUDA GEMV takes x with at most ", kMaxTokens,
               " rows (tokens), got shape ", shape_str(x));
   TORCH_CHECK(aligned16(x.data_ptr()) && aligned16(qweight.data_ptr()), op,
@@ -911,16 +956,22 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor
   const c10::cuda::CUDAGuard guard(x.device());
   const auto type = x.scalar_type();
   if (type == at::kFloat || !has_mma_16816(x.device()) || !offsets_fit(x, qweight, scales)) {
-    return at::linear(x, dequantize_checked(qweight, scales, zeros));
+    const auto y = at::linear(x, dequantize_checked(qweight, scales, zeros));
+    if (!gated) return y;
+    const auto halves = y.chunk(2, -1);  // reference.silu_and_mul's ops
+    return at::silu(halves[0]) * halves[1];
   }
-  auto out = at::empty({x.size(0), qweight.size(0)}, x.options());
+  auto out = at::empty({x.size(0), qweight.size(0) / (gated ? 2 : 1)}, x.options());
   if (out.numel() == 0) return out;
   if (x.size(1) == 0) return out.zero_();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int v = static_cast<int>(version);
   if (type == at::kHalf) {
-    launch_gemv_version<__half>(static_cast<int>(version), x, qweight, scales, zeros, out, stream);
+    gated ? launch_gemv_version<__half, true>(v, x, qweight, scales, zeros, out, stream)
+          : launch_gemv_version<__half, false>(v, x, qweight, scales, zeros, out, stream);
   } else {
-    launch_gemv_version<__nv_bfloat16>(static_cast<int>(version), x, qweight, scales, zeros, out, stream);
+    gated ? launch_gemv_version<__nv_bfloat16, true>(v, x, qweight, scales, zeros, out, stream)
+          : launch_gemv_version<__nv_bfloat16, false>(v, x, qweight, scales, zeros, out, stream);
   }
   return out;
 }
@@ -930,8 +981,9 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "minideploy CUDA kernels: W4A16 linear (int4 weights, float16/bfloat16 activations)";
   m.def("gemv", &gemv, "x @ dequantize(qweight, scales, zeros)^T for up to 16 rows of x (CUDA); version 1 or 2 "
-        "(see the header)",
-        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("version") = 2);
+        "(see the header); gated: silu(gate) * up of a [gate | up] weight instead",
+        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("version") = 2,
+        py::arg("gated") = false);
   m.def("dequantize", &dequantize, "the float weight [N, K] of a W4A16 linear (CUDA)",
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"));
 }
