@@ -2,8 +2,9 @@
 
 Calls go through `kernels.w4a16_linear` / `kernels.dequantize_w4` with
 MINIDEPLOY_KERNELS=compiled, so a kernel that does not build fails here instead
-of falling back: up to 16 tokens run the GEMV; on a GPU up to 64 run it 16 at a
-time; more tokens (any number on the CPU) dequantize and call the matmul. Weights are random 4-bit values packed by `quant.pack.pack_int4`.
+of falling back: up to 16 tokens run the GEMV; on a GPU up to 48 run it 16 at a
+time; more tokens (any number on the CPU) dequantize and call the matmul.
+Weights are random 4-bit values packed by `quant.pack.pack_int4`.
 """
 from __future__ import annotations
 

@@ -26,7 +26,8 @@ import torch
 from minideploy.kernels import build, reference
 from minideploy.kernels.build import KernelBuildError, cuda_arch, load, try_load
 
-__all__ = ["rms_norm", "add_rms_norm", "rope", "linear", "w4a16_linear", "w4a16_silu_and_mul", "dequantize_w4", "store_kv",
+__all__ = ["rms_norm", "add_rms_norm", "rope", "linear", "w4a16_linear", "w4a16_silu_and_mul",
+           "dequantize_w4", "store_kv",
            "decode_attention", "decode_attention_fits", "quantize_kv", "dequantize_kv", "silu_and_mul", "backend_for", "KernelBuildError", "reference"]
 
 ENV_VAR = "MINIDEPLOY_KERNELS"

@@ -1110,7 +1110,8 @@ void launch_store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cac
   const int64_t row_units = k.size(1) * k.size(2) * elem / unit;
   const int64_t total = 2 * num_tokens * row_units;
   const int64_t blocks = std::min<int64_t>((total + kStoreThreads - 1) / kStoreThreads, 65535 * 8);
-  minideploy::launch(store_kv_kernel<Unit, slot_t>, static_cast<unsigned>(blocks), kStoreThreads, 0, stream,
+  minideploy::launch(store_kv_kernel<Unit, slot_t>, static_cast<unsigned>(blocks), kStoreThreads,
+                     0, stream,
       static_cast<const Unit*>(k.data_ptr()), static_cast<const Unit*>(v.data_ptr()),
       static_cast<Unit*>(k_cache.data_ptr()), static_cast<Unit*>(v_cache.data_ptr()),
       slots.data_ptr<slot_t>(), num_tokens, row_units, k.stride(0) * elem / unit,
@@ -1125,7 +1126,8 @@ void launch_store_kv_quant(const at::Tensor& k, const at::Tensor& v, at::Tensor&
                            const at::Tensor& slots, int64_t num_slots, cudaStream_t stream) {
   const int64_t rows = 2 * k.size(0) * k.size(1);
   const int64_t blocks = (rows * kWarpSize + kStoreThreads - 1) / kStoreThreads;
-  minideploy::launch(store_kv_quant_kernel<T, Bits, slot_t>, static_cast<unsigned>(blocks), kStoreThreads, 0, stream,
+  minideploy::launch(store_kv_quant_kernel<T, Bits, slot_t>, static_cast<unsigned>(blocks),
+                     kStoreThreads, 0, stream,
       reinterpret_cast<const T*>(k.data_ptr()), reinterpret_cast<const T*>(v.data_ptr()),
       k_cache.data_ptr<uint8_t>(), v_cache.data_ptr<uint8_t>(),
       reinterpret_cast<float2*>(k_params.data_ptr<float>()),
@@ -1287,7 +1289,8 @@ void launch_decode_quant(const QuantBuffers& d, const DecodeParams& p, int64_t b
   const int head_blocks = (p.group + HPB - 1) / HPB;
   const dim3 grid(static_cast<unsigned>(p.kv_heads * head_blocks), static_cast<unsigned>(batch),
                   static_cast<unsigned>(p.num_parts));
-  minideploy::launch(decode_attention_quant_kernel<Bits, E, L, HPB>, grid, kThreads, shared_bytes(HPB, p.head_dim), stream,
+  minideploy::launch(decode_attention_quant_kernel<Bits, E, L, HPB>, grid, kThreads,
+                     shared_bytes(HPB, p.head_dim), stream,
       d.q, d.k, d.v, d.k_params, d.v_params, d.tables, d.lens, d.out, d.po, d.pm, d.ps, p, d.dtype);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

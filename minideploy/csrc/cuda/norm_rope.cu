@@ -282,9 +282,11 @@ void launch_rms_norm(const at::Tensor& x, const at::Tensor* residual, const at::
     const dim3 grid(static_cast<unsigned>(num_tokens));
     const float feps = static_cast<float>(eps);
     if (vectorised) {
-      minideploy::launch(rms_norm_kernel<scalar_t, kVec, ADD>, grid, threads, 0, stream, x_ptr, r_ptr, w_ptr, o_ptr, s_ptr, hidden, feps);
+      minideploy::launch(rms_norm_kernel<scalar_t, kVec, ADD>, grid, threads, 0, stream, x_ptr, r_ptr,
+                         w_ptr, o_ptr, s_ptr, hidden, feps);
     } else {
-      minideploy::launch(rms_norm_kernel<scalar_t, 1, ADD>, grid, threads, 0, stream, x_ptr, r_ptr, w_ptr, o_ptr, s_ptr, hidden, feps);
+      minideploy::launch(rms_norm_kernel<scalar_t, 1, ADD>, grid, threads, 0, stream, x_ptr, r_ptr,
+                         w_ptr, o_ptr, s_ptr, hidden, feps);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -908,10 +908,12 @@ void launch_gemv_v2(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   const uint16_t* zp = reinterpret_cast<const uint16_t*>(zeros.data_ptr());
   T* op = reinterpret_cast<T*>(out.data_ptr());
   if (scale_after) {
-    minideploy::launch(w4a16_gemv_v2_kernel<T, kTokenTiles, kSteps, true, kMinB, kGated>, grid, block, 0, stream,
+    minideploy::launch(w4a16_gemv_v2_kernel<T, kTokenTiles, kSteps, true, kMinB, kGated>, grid,
+                       block, 0, stream,
         xp, qp, sp, zp, op, m, n, k, groups, group_magic);
   } else {
-    minideploy::launch(w4a16_gemv_v2_kernel<T, kTokenTiles, kSteps, false, kMinB, kGated>, grid, block, 0, stream,
+    minideploy::launch(w4a16_gemv_v2_kernel<T, kTokenTiles, kSteps, false, kMinB, kGated>, grid,
+                       block, 0, stream,
         xp, qp, sp, zp, op, m, n, k, groups, group_magic);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
