@@ -3,7 +3,8 @@
 For every shape and batch size, one run times
   - `cublas_fp16`: F.linear with the fp16 weight (the chapter-2 baseline),
   - `w4a16`: minideploy's kernels (GEMV with in-register dequantization up to
-    16 tokens; above, dequantize to fp16 then cuBLAS),
+    16 tokens, on a GPU up to 48 in calls of 16; above, dequantize to fp16 then
+    cuBLAS),
   - `torch_int4pack`: `torch._weight_int4pack_mm` (tinygemm, bf16) where torch has it,
 and, for the dequantize + matmul path, the two halves separately — the answer
 to "doesn't dequantization take time?": at batch 1 the GEMV's time is what its
