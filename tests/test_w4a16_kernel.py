@@ -69,11 +69,15 @@ def reference_linear(x, qweight, scales, zeros) -> torch.Tensor:
                                   zeros.float().cpu())
 
 
+def typical_output(x: torch.Tensor, w: torch.Tensor) -> float:
+    """The spread of x @ w^T's elements: sqrt(K) rms(x) rms(w)."""
+    return x.float().pow(2).mean().sqrt().item() * w.float().pow(2).mean().sqrt().item() * w.shape[1] ** 0.5
+
+
 def assert_matches(out, x, qweight, scales, zeros):
     ref = reference_linear(x, qweight, scales, zeros)
     assert out.dtype == x.dtype and out.shape == ref.shape and out.device == x.device
-    w = reference.dequantize_w4(qweight.cpu(), scales.float().cpu(), zeros.float().cpu())
-    typical = x.float().pow(2).mean().sqrt().item() * w.pow(2).mean().sqrt().item() * x.shape[1] ** 0.5
+    typical = typical_output(x, reference.dequantize_w4(qweight.cpu(), scales.float().cpu(), zeros.float().cpu()))
     err = (out.float().cpu() - ref).abs().max().item()
     assert err <= TOL[x.dtype] * typical, f"max error {err:.3g} vs typical output {typical:.3g}"
 
@@ -116,8 +120,8 @@ def test_silu_and_mul_of_a_w4a16_gate_up_matches_the_two_ops(device, tokens, n, 
         ref = reference.w4a16_silu_and_mul(x.float().cpu(), qweight.cpu(), scales.float().cpu(),
                                            zeros.float().cpu())
         gate, up = reference_linear(x, qweight, scales, zeros).chunk(2, dim=-1)
-        w = reference.dequantize_w4(qweight.cpu(), scales.float().cpu(), zeros.float().cpu())
-        typical = x.float().pow(2).mean().sqrt().item() * w.pow(2).mean().sqrt().item() * k ** 0.5
+        typical = typical_output(x, reference.dequantize_w4(qweight.cpu(), scales.float().cpu(),
+                                                            zeros.float().cpu()))
         bound = 2 * TOL[dtype] * typical * (gate.abs() + up.abs() + typical)
         assert ((fused.float().cpu() - ref).abs() <= bound).all()
 
@@ -212,7 +216,7 @@ def test_cuda_gemv_chain_replayed_from_a_cuda_graph(chain_weights, tokens, versi
             w = reference.dequantize_w4(qweight, scales.float(), zeros.float())
             x_in = captured[layer].float()
             err = (captured[layer + 1].float() - x_in @ w.t()).abs().max().item()
-            typical = x_in.pow(2).mean().sqrt().item() * w.pow(2).mean().sqrt().item() * w.shape[1] ** 0.5
+            typical = typical_output(x_in, w)
             assert err <= TOL[dtype] * typical, f"layer {layer}: max error {err:.3g} vs {typical:.3g}"
             assert torch.equal(captured[layer + 1], eager[layer + 1])
 

@@ -162,11 +162,8 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     ext = _extension(W4A16, x.device)
     if ext is None:
         return reference.w4a16_linear(x, qweight, scales, zeros)
-    if x.dim() == 2 and x.shape[0] <= W4A16_GEMV_MAX_TOKENS:
-        return ext.gemv(x.contiguous(), qweight, scales, zeros)  # checks its inputs itself
-    if x.dim() == 2 and x.is_cuda and x.shape[0] <= W4A16_GEMV_CHUNKED_MAX_TOKENS_CUDA:
-        return torch.cat([ext.gemv(part, qweight, scales, zeros)
-                          for part in x.contiguous().split(W4A16_GEMV_MAX_TOKENS)])
+    if x.dim() == 2 and (x.shape[0] <= W4A16_GEMV_MAX_TOKENS or _w4a16_chunks_fit(x)):
+        return _w4a16_gemv(ext, x, qweight, scales, zeros)  # the kernel checks its inputs
     reference.check_w4a16_args("w4a16_linear", qweight, scales, zeros, x)
     return torch.nn.functional.linear(x, ext.dequantize(qweight, scales, zeros))
 
@@ -181,11 +178,19 @@ def w4a16_silu_and_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     ext = _extension(W4A16, x.device)
     if ext is None:
         return reference.w4a16_silu_and_mul(x, qweight, scales, zeros)
-    if x.dim() == 2 and x.is_cuda and x.shape[0] <= W4A16_GEMV_CHUNKED_MAX_TOKENS_CUDA:
-        parts = [ext.gemv(part, qweight, scales, zeros, gated=True)
-                 for part in x.contiguous().split(W4A16_GEMV_MAX_TOKENS)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    if x.dim() == 2 and _w4a16_chunks_fit(x):
+        return _w4a16_gemv(ext, x, qweight, scales, zeros, gated=True)
     return silu_and_mul(w4a16_linear(x, qweight, scales, zeros))
+
+
+def _w4a16_chunks_fit(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.shape[0] <= W4A16_GEMV_CHUNKED_MAX_TOKENS_CUDA
+
+
+def _w4a16_gemv(ext: ModuleType, x: torch.Tensor, *weight: torch.Tensor, **gated: bool) -> torch.Tensor:
+    """The extension's GEMV over x's rows, W4A16_GEMV_MAX_TOKENS at a time (a decode step: one call)."""
+    parts = [ext.gemv(part, *weight, **gated) for part in x.contiguous().split(W4A16_GEMV_MAX_TOKENS)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
