@@ -54,6 +54,61 @@ def test_bad_inputs_name_the_argument():
         ext.linear(torch.randn(2, 8), torch.randn(8, 4).t())
 
 
+def random_int8_weight(out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    q = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)
+    return q, torch.rand(out_features) * 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens,out_features,in_features",
+                         [(1, 960, 576), (3, 77, 33), (16, 1, 5), (7, 129, 1000), (1, 4099, 576), (32, 50, 1536)])
+def test_int8_linear_matches_reference(dtype, tokens, out_features, in_features):
+    """Ragged shapes: rows not a multiple of 3, tokens not of 4, in_features not of 8."""
+    x = torch.randn(tokens, in_features).to(dtype)
+    q, scales = random_int8_weight(out_features, in_features)
+    exact = F.linear(x.double(), q.double() * scales.double()[:, None])
+    out = kernels.int8_linear(x, q, scales)
+    assert out.dtype == dtype and out.shape == (tokens, out_features)
+    assert ((out.double() - exact).norm() / exact.norm()).item() < TOL[dtype]
+    reference = kernels.reference.int8_linear(x, q, scales)
+    assert ((out.double() - reference.double()).norm() / exact.norm()).item() < TOL[dtype]
+
+
+def test_int8_linear_is_the_float_kernel_on_the_dequantized_weight():
+    """Integer weights times a power-of-two scale are exact floats: the int8 path then sums
+    the same products in the same order as the float GEMV, bit for bit."""
+    x = torch.randn(5, 576)
+    q, _ = random_int8_weight(100, 576)
+    scales = torch.full((100,), 2.0**-7)
+    assert torch.equal(kernels.int8_linear(x, q, scales), kernels.linear(x, q.float() * scales[:, None]))
+
+
+def test_int8_linear_above_the_gemv_bound_uses_the_reference():
+    x = torch.randn(kernels.GEMV_MAX_TOKENS + 1, 64)
+    q, scales = random_int8_weight(10, 64)
+    assert torch.equal(kernels.int8_linear(x, q, scales), kernels.reference.int8_linear(x, q, scales))
+
+
+def test_int8_linear_bad_inputs_name_the_argument():
+    """The kernel (RuntimeError) and the reference (ValueError) say the same."""
+    ext = kernels.build.load(kernels.LINEAR, "cpu")
+    q, scales = random_int8_weight(4, 8)
+    x = torch.randn(2, 8)
+    for fn in (ext.linear_int8, kernels.reference.int8_linear):
+        with pytest.raises((RuntimeError, ValueError), match="qweight must be int8"):
+            fn(x, q.int(), scales)
+        with pytest.raises((RuntimeError, ValueError), match="weight must have shape"):
+            fn(torch.randn(2, 9), q, scales)
+        with pytest.raises((RuntimeError, ValueError), match=r"scales must be float32 \[out_features=4\]"):
+            fn(x, q, scales[:3])
+        with pytest.raises((RuntimeError, ValueError), match="scales must be float32"):
+            fn(x, q, scales.double())
+        with pytest.raises((RuntimeError, ValueError), match="x must be"):
+            fn(x.int(), q, scales)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ext.linear_int8(x, torch.randint(-9, 9, (8, 4), dtype=torch.int8).t(), scales)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -6,9 +6,9 @@ from hypothesis import strategies as st
 
 from minideploy.config import ModelConfig
 from minideploy.models import random_model
-from minideploy.quant import decoder_linears, fake_quantize_model_
+from minideploy.quant import Int8Linear, decoder_linears, fake_quantize_model_, quantize_lm_head_
 from minideploy.quant.pack import ORDER, from_awq, pack_int4, to_awq, unpack_int4
-from minideploy.quant.rtn import dequantize, quantize
+from minideploy.quant.rtn import dequantize, quantize, quantize_rows_int8
 
 
 @pytest.mark.parametrize("bits", [3, 4, 8])
@@ -81,6 +81,34 @@ def test_fake_quantize_model_touches_only_decoder_linears():
     with pytest.raises(ValueError, match="layers.0.attn.qkv: group size 128"):
         fake_quantize_model_(random_model(config, torch.float32), 4, 128)
 
+
+
+def test_int8_rows_error_is_at_most_half_a_step():
+    w = torch.randn(50, 77) * torch.rand(50, 1) * 10
+    w[3] = 0.0  # a zero row: scale 0, codes 0, no division by zero
+    q, scales = quantize_rows_int8(w)
+    assert q.dtype == torch.int8 and scales.shape == (50,) and scales[3] == 0
+    assert q.abs().amax(1)[torch.arange(50) != 3].eq(127).all()  # each row's largest weight is +-127
+    assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-6).all()
+
+
+def test_quantize_lm_head_unties_it_and_keeps_the_embedding():
+    """The default model ties its LM head to the embedding: after the swap the lookup still
+    reads the float rows, and each logit is off by at most |h| . (half a step of its row)."""
+    from minideploy.models import ForwardContext, KVCache
+
+    config = ModelConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=16, max_position_embeddings=32, tie_word_embeddings=True)
+    model = random_model(config, torch.float32)
+    embedding = model.embed.weight.detach().clone()
+    quantize_lm_head_(model)
+    assert isinstance(model.lm_head, Int8Linear) and torch.equal(model.embed.weight, embedding)
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.inference_mode():
+        hidden = model(ids, ForwardContext(torch.arange(9).expand(2, -1), 9), KVCache(config, 2, 9, torch.float32, "cpu"))
+        error = (model.logits(hidden) - hidden @ embedding.T).abs()
+    bound = hidden.abs() @ (model.lm_head.scales / 2).expand(64, -1) + 1e-4
+    assert (error <= bound).all() and error.max() > 0
 
 def outlier_model(heads=(4, 2)):
     """A tiny random Llama whose residual stream has a few large channels, as trained LLMs do."""

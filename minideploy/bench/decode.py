@@ -6,7 +6,9 @@ cancels out.
 
 CPU (default): the real default model at batch 1 through the engine's
 generator, float and then with its decoder linears in W4 (RTN g64 in memory),
-then W4A16 as LMDeploy runs it (the float16 model, same quantization).
+then also its LM head in int8 (one scale a row: the default model's GGUF keeps
+that matrix in 8 bits too), then W4A16 as LMDeploy runs it (the float16 model,
+same quantization, LM head float16).
 Writes figures/decode_cpu.json.
 
 CUDA with --model-shape (e.g. llama2-7b): random fp16 weights built on the
@@ -35,7 +37,7 @@ from ..engine.cuda_graphs import CUDAGraphDecoder
 from ..memory import weight_bytes
 from ..models import KVCache, load_model, random_model
 from ..models.shapes import MODEL_SHAPES
-from ..quant import quantize_model_
+from ..quant import quantize_lm_head_, quantize_model_
 from ..roofline import measure_bandwidth
 from .common import FIGURES, bar_plot, bench_parser, device_tag, load_result, save_figure, summarize, write_result
 from .timing import describe, time_fn
@@ -110,6 +112,9 @@ def bench_cpu(args) -> dict:
     quant = QuantConfig(4, args.w4_group_size)
     quantize_model_(loaded.model, quant)  # RTN in memory: speed does not depend on how scales were found
     w4 = decode_rate(lambda n: time_native(gen, ids, n), args.new_tokens, args.repeats)
+    # The LM head in int8 too (one scale a row), as the GGUF the default model ships in keeps it.
+    quantize_lm_head_(loaded.model)
+    w4_int8_head = decode_rate(lambda n: time_native(gen, ids, n), args.new_tokens, args.repeats)
     # W4A16 as LMDeploy runs it: float16 activations, embeddings and LM head beside the
     # int4 linears (the LM head, the largest matrix left, then streams half the bytes).
     half = load_model(args.model, dtype=torch.float16, device="cpu")
@@ -126,6 +131,10 @@ def bench_cpu(args) -> dict:
         "native_w4": {**w4, "w_bits": quant.w_bits, "group_size": quant.group_size,
                       "note": "decoder linears RTN-quantized in memory; embeddings and LM head float"},
         "w4_speedup_vs_float": w4["tokens_per_s"] / native["tokens_per_s"],
+        "native_w4_int8_head": {**w4_int8_head, "w_bits": quant.w_bits, "group_size": quant.group_size,
+                                "note": "as native_w4, and the LM head int8 with one scale per row "
+                                        "(quant.quantize_lm_head_)"},
+        "w4_int8_head_speedup_vs_float": w4_int8_head["tokens_per_s"] / native["tokens_per_s"],
         "native_w4a16": {**w4a16, "w_bits": quant.w_bits, "group_size": quant.group_size,
                          "note": "the same RTN quantization of the float16 model: float16 activations, "
                                  "embeddings and LM head"},
@@ -134,8 +143,10 @@ def bench_cpu(args) -> dict:
     path = write_result("decode_cpu", result, "cpu")
     bar_plot(FIGURES / "decode_cpu.png",
              ["HF generate", "minideploy", f"minideploy W4 g{quant.group_size}",
+              f"minideploy W4 g{quant.group_size}\n+ int8 LM head",
               f"minideploy W4A16 g{quant.group_size}\n(float16 activations)"],
-             [hf_result["tokens_per_s"], native["tokens_per_s"], w4["tokens_per_s"], w4a16["tokens_per_s"]],
+             [hf_result["tokens_per_s"], native["tokens_per_s"], w4["tokens_per_s"],
+              w4_int8_head["tokens_per_s"], w4a16["tokens_per_s"]],
              "decode tokens/s (bs 1)",
              f"{loaded.config.num_layers}-layer default model, {args.dtype} activations, CPU: "
              f"{result['speedup']:.2f}x HF; W4 {result['w4_speedup_vs_float']:.2f}x, "
@@ -143,6 +154,7 @@ def bench_cpu(args) -> dict:
     print(f"HF generate {hf_result['tokens_per_s']:.1f} tok/s | minideploy "
           f"{native['tokens_per_s']:.1f} tok/s | speedup {result['speedup']:.2f}x | "
           f"same greedy tokens: {result['same_tokens']} | W4 {w4['tokens_per_s']:.1f} tok/s | "
+          f"W4 + int8 LM head {w4_int8_head['tokens_per_s']:.1f} tok/s | "
           f"W4A16 (float16 activations) {w4a16['tokens_per_s']:.1f} tok/s -> {path}")
     return result
 

@@ -226,6 +226,32 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return torch.nn.functional.linear(x, dequantize_w4(qweight, scales, zeros))
 
 
+
+# --- int8 linear (the LM head in int8) -----------------------------------------------
+#
+# qweight [N, K] int8, scales [N] float32: w[n, k] = qweight[n, k] * scales[n]
+# (symmetric, one scale per output row); x [M, K] in any float dtype.
+
+def check_int8_linear_args(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+    op = "linear_int8"
+    _check_float(op, "x", x)
+    if x.dim() != 2:
+        _fail(f"{op}: x must be 2-D [tokens, in_features], got {x.dim()}-D")
+    if qweight.dtype != torch.int8:
+        _fail(f"{op}: qweight must be int8, got {dtype_name(qweight.dtype)}")
+    if qweight.dim() != 2 or qweight.shape[1] != x.shape[1]:
+        _fail(f"{op}: weight must have shape [out_features, in_features={x.shape[1]}], "
+              f"got {_shape(qweight)}")
+    if scales.dtype != torch.float32 or scales.dim() != 1 or scales.shape[0] != qweight.shape[0]:
+        _fail(f"{op}: scales must be float32 [out_features={qweight.shape[0]}], "
+              f"got {dtype_name(scales.dtype)} {_shape(scales)}")
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ (scales[:, None] * qweight)^T → [M, N] in x's dtype: float32 sums, then the scale."""
+    check_int8_linear_args(x, qweight, scales)
+    return (torch.nn.functional.linear(x.float(), qweight.float()) * scales).to(x.dtype)
+
 # --- KV cache writes and decode attention --------------------------------------------
 #
 # A KV cache is seen by the kernels as slots: [num_slots, num_kv_heads, head_dim], any

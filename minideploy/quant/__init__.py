@@ -6,14 +6,14 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from ..config import QuantConfig
-from .linear import W4A16Linear
+from .linear import Int8Linear, W4A16Linear
 from .rtn import check_group_size, dequantize, fake_quantize, quantize
 
 if TYPE_CHECKING:  # models import this package (W4A16Linear): no import back at run time
     from ..models.llama import LlamaModel
 
-__all__ = ["QuantConfig", "W4A16Linear", "check_group_size", "decoder_linears", "dequantize",
-           "fake_quantize", "fake_quantize_model_", "quantize", "quantize_model_", "use_w4a16_linears_"]
+__all__ = ["Int8Linear", "QuantConfig", "W4A16Linear", "check_group_size", "decoder_linears", "dequantize",
+           "fake_quantize", "fake_quantize_model_", "quantize", "quantize_lm_head_", "quantize_model_", "use_w4a16_linears_"]
 
 
 def decoder_linears(model: LlamaModel) -> Iterator[tuple[str, torch.nn.Module]]:
@@ -69,4 +69,14 @@ def use_w4a16_linears_(model: LlamaModel, quant: QuantConfig) -> LlamaModel:
         with torch.device(device):
             _replace(model, name, W4A16Linear(module.in_features, module.out_features,
                                               quant.w_bits, quant.group_size, name))
+    return model
+
+
+@torch.no_grad()
+def quantize_lm_head_(model: LlamaModel) -> LlamaModel:
+    """Swap the LM head for an Int8Linear (one scale per vocabulary row), in place.
+
+    The embedding keeps its float weight (a tied one is untied: the lookup reads one
+    row a token, the head all of them). Not part of AutoAWQ's format: a runtime choice."""
+    model.lm_head = Int8Linear.from_float(model.lm_head.weight)
     return model

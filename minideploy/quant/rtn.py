@@ -53,3 +53,12 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int, layer: str = "weight") -> torch.Tensor:
     """Quantize then dequantize: the weight the quantized model effectively uses."""
     return dequantize(*quantize(w, bits, group_size, layer), dtype=w.dtype)
+
+
+def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float → (q int8 [N, K], scales float32 [N]): symmetric, one scale per row,
+    q = round(w / scale) with scale = max |w| / 127 (a zero row gets scale 0)."""
+    w = w.float()
+    scales = w.abs().amax(1) / 127
+    q = (w / scales.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).round().clamp(-127, 127)
+    return q.to(torch.int8), scales

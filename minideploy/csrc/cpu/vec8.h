@@ -63,6 +63,19 @@ inline float8 to_float8(const c10::Half* p) {
 }
 #endif
 
+// int8 weights (LM head in int8, csrc/cpu/linear.cpp): sign-extend, then convert; exact.
+template <>
+inline float8 to_float8(const int8_t* p) {
+#if defined(__AVX2__)
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return (float8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+#else
+  float8 v;
+  for (int j = 0; j < kLanes; ++j) v[j] = static_cast<float>(p[j]);
+  return v;
+#endif
+}
+
 // x in every lane (one broadcast; `float8{} + x` would also add, as 0 + -0 is +0).
 inline float8 splat8(float x) { return float8{x, x, x, x, x, x, x, x}; }
 
