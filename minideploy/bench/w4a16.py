@@ -34,7 +34,7 @@ from ..quant.rtn import quantize
 from ..roofline import measure_bandwidth
 from .common import FIGURES, bench_parser, device_tag, load_result, save_figure, write_result
 from .roofline import CPU_SCALE, SHAPES_7B
-from .timing import Rotating, describe, time_fn
+from .timing import Rotating, describe, time_fn, time_graph
 
 CUDA_BATCHES = "1,2,4,8,16,32,64,128,256"
 # The model runs gate and up as one fused projection (silu_and_mul splits its output).
@@ -62,21 +62,6 @@ def int4pack_operands(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 def int4pack_mm(x: torch.Tensor, operands: tuple[torch.Tensor, torch.Tensor], group: int) -> torch.Tensor:
     weight, scale_offset = operands
     return torch._weight_int4pack_mm(x, weight, group, scale_offset)
-
-
-def time_graph(fn, calls: int, device: torch.device, repeats: int) -> list[float]:
-    """Seconds per call of `fn` when `calls` of them replay back to back from one CUDA graph."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # warm-up off the capture: workspaces, kernel selection
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return [t / calls for t in time_fn(graph.replay, warmup=2, repeats=repeats, device=device)]
 
 
 def bench_shape(label, k, n, group, batches, dtype, device, repeats) -> list[dict]:
