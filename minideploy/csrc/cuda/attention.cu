@@ -1335,11 +1335,12 @@ void launch_decode_quant_rows(const QuantBuffers& d, const DecodeParams& p, int6
 // between launches, since the last block of every (sequence, heads) zeroes its own. So one
 // buffer serves every call, zeroed once when allocated (a memset a call would be one more
 // serial step of every layer). Buffers are never freed: a captured CUDA graph keeps the
-// pointer it saw. A larger one is allocated outside stream capture only (the first eager
-// call of a shape, e.g. a graph's warm-up, does it; 64k counters are allocated at least).
-// Calls that run concurrently on two streams of one device would share counters: the
-// engine runs one stream.
-int* arrival_counters(int64_t count, const at::Tensor& like, cudaStream_t stream) {
+// pointer it saw. Allocation happens outside stream capture only, so every call outside
+// capture makes sure a buffer exists, split or not (at least 64k counters: a graph's
+// warm-up at its largest batch, which may not split, covers the smaller batches captured
+// next, which may); `needed`: this call splits. Calls running concurrently on two streams
+// of one device would share counters: the engine runs one stream.
+int* arrival_counters(int64_t count, bool needed, const at::Tensor& like, cudaStream_t stream) {
   static std::mutex mutex;
   static auto* buffers = new std::vector<at::Tensor>();  // never destroyed: outlives CUDA at exit
   const std::lock_guard<std::mutex> lock(mutex);
@@ -1348,9 +1349,11 @@ int* arrival_counters(int64_t count, const at::Tensor& like, cudaStream_t stream
   }
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
-              "decode_attention: call it once outside CUDA graph capture with this batch size (",
-              count, " split-K counters) before capturing it");
+  if (capture != cudaStreamCaptureStatusNone) {
+    TORCH_CHECK(!needed, "decode_attention: call it once outside CUDA graph capture with this ",
+                "batch size (", count, " split-K counters) before capturing it");
+    return nullptr;
+  }
   buffers->push_back(at::zeros({std::max<int64_t>(count, 1 << 16)}, like.options().dtype(at::kInt)));
   return buffers->back().data_ptr<int>();
 }
@@ -1417,7 +1420,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
   p.num_parts = static_cast<int>(num_parts);
   p.partition = partition;
   p.scale = static_cast<float>(scale * 1.4426950408889634);  // x log2(e): softmax in base 2
-  p.arrivals = nullptr;
 
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -1431,8 +1433,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
     po = part_out.data_ptr<float>();
     pm = part_stats[0].data_ptr<float>();
     ps = part_stats[1].data_ptr<float>();
-    p.arrivals = arrival_counters(batch * num_heads, q, stream);  // >= batch x gridDim.x
   }
+  p.arrivals = arrival_counters(batch * num_heads, num_parts > 1, q, stream);  // >= batch x gridDim.x
   if (bits) {
     const int dtype = q.scalar_type() == at::kHalf ? kQHalf
                       : q.scalar_type() == at::kBFloat16 ? kQBFloat16 : kQFloat;
