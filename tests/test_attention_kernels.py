@@ -420,17 +420,6 @@ def test_cuda_graph_replays_for_new_lengths(block_size):
 
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_split_k_merge_call_after_call():
-    """The last block of each split sequence merges the partitions and zeroes its arrival
-    counter: back-to-back calls (different batches and lengths, the same counters) stay right."""
-    for i, lens in enumerate([[3000, 700, 5], [1, 2999, 513, 512, 1024], [3000], [600, 600, 600, 600]] * 3):
-        q, k, v, tables, lens_t = paged(lens, 16, 2, 4, 128, torch.float16, "cuda", seed=i, spare_blocks=0)
-        ref = reference.decode_attention(q, k, v, tables, lens_t, 0.1)
-        for _ in range(3):
-            assert rel_err(kernels.decode_attention(q, k, v, tables, lens_t, 0.1), ref) <= RTOL[torch.float16], lens
-
 # ---------------------------------------------------------------------------
 # In the model: decode steps through the kernels == one forward over everything
 # ---------------------------------------------------------------------------

@@ -38,15 +38,21 @@
 //   Split-K (flash-decoding): when the cache can hold more than a partition's tokens
 //   per sequence, grid.z covers the capacity in partitions (512 tokens, down to 64
 //   when few sequences x kv heads would leave most SMs idle); each block writes its
-//   partition's max, sum and normalised output, counts itself in an arrival counter
-//   of its (sequence, heads), and the last to arrive rescales and combines all of
-//   them (merge_if_last): no second kernel, whose launch and ramp were a serial hop
-//   of every layer. A sequence that fits one partition is finished by its first
-//   block directly, and blocks past a sequence's length exit at once. The grid depends only on tensor shapes (the capacity
+//   partition's max, sum and normalised output, and a reduce kernel rescales and
+//   combines them. A sequence that fits one partition is finished by its first
+//   block directly (the reduce skips it), and blocks past a sequence's length
+//   exit at once. The grid depends only on tensor shapes (the capacity
 //   max_blocks * block_size), never on the values of context_lens: the launch
 //   needs no synchronisation, and a CUDA graph captured once replays it for any
 //   lengths. When the capacity fits one partition (short caches, many sequences)
 //   there is a single kernel and no scratch memory.
+//   Tried, not kept (H100, 2026-11-26): the last block of each split sequence merging
+//   the partitions itself (an atomic arrival counter per sequence and head block) instead
+//   of the reduce kernel. A 7B decode step did not change (PDL-off profile: attention
+//   259.7 us a step against 172.3 + 87.4 us of kernel + reduce before; W4A16 bs1 2.19x
+//   fp16 against 2.20x): the merge is the same serial round trips through L2, now inside
+//   the kernel. Single timed calls were 2-3 us faster (one launch fewer). It needed a
+//   zeroed counter buffer per device that outlives captured CUDA graphs.
 //   Bad values cannot be reported without synchronising: a length outside
 //   [0, capacity] or a block id outside [0, num_blocks) makes that sequence's
 //   output NaN; nothing is read out of bounds.
@@ -78,7 +84,6 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
-#include <mutex>
 #include <vector>
 
 namespace {
@@ -196,7 +201,6 @@ struct DecodeParams {
   int num_heads, kv_heads, group, head_dim, block_size, max_blocks;
   int64_t num_blocks;
   int num_parts;  // gridDim.z; 1: no split, the block writes `out` itself
-  int* arrivals;  // split-K: [batch][gridDim.x] counters, zero between launches (merge_if_last)
   int partition;  // tokens per partition
   float scale;  // softmax scale x log2(e): scores are kept in base 2, weights are exp2f
 };
@@ -247,42 +251,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // 0 when nothing was seen (max = -inf).
 __device__ __forceinline__ float rescale(float x, float max) {
   return max == -CUDART_INF_F ? 0.0f : fast_exp2(x - max);
-}
-
-// Split-K, once this block has written its partition's results: the last of the blocks
-// of (sequence, these heads) to arrive merges every partition into the output,
-// out = sum_p w_p o_p / sum_p w_p with w_p = sum_p * 2^(max_p - max). `arrivals` is the
-// counter of (sequence, head block), zero before the launch; the last block zeroes it again
-// (for the next launch, or the next replay of a CUDA graph). A block's partials are made
-// visible device-wide (__threadfence) before it counts itself, and are read back past L1
-// (__ldcg). write(i, value) stores element i of the block's heads' output.
-template <typename Write>
-__device__ void merge_if_last(int* arrivals, int parts, const float* __restrict__ part_out,
-                              const float* __restrict__ part_max, const float* __restrict__ part_sum,
-                              int64_t first_row, int heads, int num_parts, int head_dim, Write write) {
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(arrivals, 1) == parts - 1;
-    if (last) *arrivals = 0;
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  for (int i = threadIdx.x; i < heads * head_dim; i += blockDim.x) {
-    const int h = i / head_dim, d = i % head_dim;
-    const int64_t row = first_row + static_cast<int64_t>(h) * num_parts;  // partition 0 of head h
-    float m = -CUDART_INF_F;
-    for (int j = 0; j < parts; ++j) m = fmaxf(m, __ldcg(part_max + row + j));
-    float sum = 0.0f, acc = 0.0f;
-    for (int j = 0; j < parts; ++j) {
-      const float w = __ldcg(part_sum + row + j) * fast_exp2(__ldcg(part_max + row + j) - m);  // base 2
-      sum += w;
-      acc = fmaf(w, __ldcg(part_out + (row + j) * head_dim + d), acc);
-    }
-    write(i, acc / sum);
-  }
 }
 
 // T: element type. L: lanes reading one key row. NP: 16-byte packs per lane per row
@@ -522,10 +490,63 @@ decode_attention_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
       }
     }
   }
-  if (!direct) {
-    merge_if_last(p.arrivals + b * gridDim.x + blockIdx.x, (len + p.partition - 1) / p.partition,
-                  part_out, part_max, part_sum, (static_cast<int64_t>(b) * p.num_heads + head0) * p.num_parts,
-                  nh, p.num_parts, p.head_dim, [&](int i, float v) { store(out + out_offset + i, v); });
+}
+
+// ---------------------------------------------------------------------------
+// decode_attention: the reduce kernel (split sequences only)
+// ---------------------------------------------------------------------------
+
+// Sum of `value` over the block (kThreads threads); every thread gets the result.
+__device__ __forceinline__ float block_reduce(float value, bool is_max) {
+  __shared__ float partial[kWarps];
+  __shared__ float total;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  value = is_max ? warp_max(value) : warp_sum(value);
+  if (lane == 0) partial[warp] = value;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float r = partial[0];
+    for (int w = 1; w < kWarps; ++w) r = is_max ? fmaxf(r, partial[w]) : r + partial[w];
+    total = r;
+  }
+  __syncthreads();
+  const float r = total;
+  __syncthreads();  // `total` may be reused by the next call
+  return r;
+}
+
+// One block per (query head, sequence): out = sum_p w_p o_p / sum_p w_p with
+// w_p = sum_p * 2^(max_p - max), over the sequence's partitions.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+decode_attention_reduce_kernel(const float* __restrict__ part_out,
+                               const float* __restrict__ part_max,
+                               const float* __restrict__ part_sum,
+                               const int* __restrict__ context_lens, T* __restrict__ out,
+                               int num_heads, int head_dim, int num_parts, int partition,
+                               int64_t capacity) {
+  minideploy::let_next_start_then_wait();  // launch.cuh
+  extern __shared__ float weights[];  // [num_parts]
+  const int head = blockIdx.x, b = blockIdx.y;
+  const int len = context_lens[b];
+  if (len <= partition || len > capacity) return;  // finished by the partition kernel
+  const int parts = (len + partition - 1) / partition;
+  const int64_t row = (static_cast<int64_t>(b) * num_heads + head) * num_parts;
+
+  float m = -CUDART_INF_F;
+  for (int i = threadIdx.x; i < parts; i += kThreads) m = fmaxf(m, part_max[row + i]);
+  m = block_reduce(m, true);
+  float s = 0.0f;
+  for (int i = threadIdx.x; i < parts; i += kThreads) {
+    const float w = part_sum[row + i] * fast_exp2(part_max[row + i] - m);  // base-2 maxima
+    weights[i] = w;
+    s += w;
+  }
+  s = block_reduce(s, false);  // its barriers also publish `weights`
+  for (int d = threadIdx.x; d < head_dim; d += kThreads) {
+    float acc = 0.0f;
+    for (int i = 0; i < parts; ++i) acc = fmaf(weights[i], part_out[(row + i) * head_dim + d], acc);
+    store(out + (static_cast<int64_t>(b) * num_heads + head) * head_dim + d, acc / s);
   }
 }
 
@@ -599,7 +620,7 @@ store_kv_quant_kernel(const T* __restrict__ k, const T* __restrict__ v, uint8_t*
 // ---------------------------------------------------------------------------
 //
 // The same partition kernel as above (lane groups, U rows in flight, online softmax,
-// split-K with the same merge), reading codes: a lane loads E codes at a time and
+// split-K with the same reduce kernel), reading codes: a lane loads E codes at a time and
 // holds E elements of q and of the output per head (L = head_dim / E lanes a row). E is 16
 // for 1 or 2 heads a block: against 8, it halves the load instructions and the shuffle
 // steps of each score's sum per code; with 4 or 8 heads a block 16 would not fit the
@@ -879,12 +900,6 @@ decode_attention_quant_kernel(const void* __restrict__ q, const uint8_t* __restr
         part_sum[row] = sum;
       }
     }
-  }
-  if (!direct) {
-    merge_if_last(p.arrivals + b * gridDim.x + blockIdx.x, (len + p.partition - 1) / p.partition,
-                  part_out, part_max, part_sum, (static_cast<int64_t>(b) * p.num_heads + head0) * p.num_parts,
-                  nh, p.num_parts, p.head_dim,
-                  [&](int i, float v) { store_out(out, out_offset + i, v, dtype); });
   }
 }
 
@@ -1331,50 +1346,26 @@ void launch_decode_quant_rows(const QuantBuffers& d, const DecodeParams& p, int6
   }
 }
 
-// The split-K arrival counters (merge_if_last) of a device: at least `count` ints, zero
-// between launches, since the last block of every (sequence, heads) zeroes its own. So one
-// buffer serves every call, zeroed once when allocated (a memset a call would be one more
-// serial step of every layer). Buffers are never freed: a captured CUDA graph keeps the
-// pointer it saw. Allocation happens outside stream capture only, so every call outside
-// capture makes sure a buffer exists, split or not (at least 64k counters: a graph's
-// warm-up at its largest batch, which may not split, covers the smaller batches captured
-// next, which may); `needed`: this call splits. Calls running concurrently on two streams
-// of one device would share counters: the engine runs one stream.
-int* arrival_counters(int64_t count, bool needed, const at::Tensor& like, cudaStream_t stream) {
-  static std::mutex mutex;
-  static auto* buffers = new std::vector<at::Tensor>();  // never destroyed: outlives CUDA at exit
-  const std::lock_guard<std::mutex> lock(mutex);
-  for (const at::Tensor& buffer : *buffers) {
-    if (buffer.device() == like.device() && buffer.numel() >= count) return buffer.data_ptr<int>();
-  }
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture != cudaStreamCaptureStatusNone) {
-    TORCH_CHECK(!needed, "decode_attention: call it once outside CUDA graph capture with this ",
-                "batch size (", count, " split-K counters) before capturing it");
-    return nullptr;
-  }
-  buffers->push_back(at::zeros({std::max<int64_t>(count, 1 << 16)}, like.options().dtype(at::kInt)));
-  return buffers->back().data_ptr<int>();
-}
-
 // Tokens per partition. kPartition, halved (down to kMinPartition) while the K/V streams
 // (sequences x kv heads) times the partitions of the capacity make fewer blocks than half
 // the SMs: at batch 1 a GQA model's 8 kv heads over a 2k cache are 32 blocks of 512 tokens.
 // Measured on an H100 (paged_attention, batch 1..16, 512..32k tokens): splitting until
 // 4 blocks an SM took GQA batch 1 x 512 from 51 to 14 us and MHA from 18 to 14 us, but made
 // 64-token partitions where 1-2 blocks an SM were running already: 20-50% slower there
-// (the partial results and their merge cost more than the idle SMs). Half the SMs: batch 1
+// (the partial results and the reduce cost more than the idle SMs). Half the SMs: batch 1
 // x 512..4k 1.1-4x faster than 512 everywhere (GQA fp16 51 -> 13 us at 512, 30 -> 22 us at
 // 4k), batch 4 up to 1.5x, nothing slower. Shapes only, as the grid: a sequence shorter
-// than the capacity leaves blocks that exit at once.
+// than the capacity leaves blocks that exit at once. Splitting further, until the blocks
+// reach 1, 2, 4 or 8x the SMs (2026-11-26, graph-replayed, batch 1..16 x 512..16k, fp16 and
+// int8, 7B and 32q/8kv shapes), was nowhere faster by more than noise and up to 2-3x slower
+// for GQA (32q/8kv batch 1 x 4k: fp16 21 us at half the SMs, 31 us at 2x; int8 15 -> 31 us).
 int partition_tokens(int64_t streams, int64_t capacity, int device) {
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t target = sms / 2;
   int partition = kPartition;
   while (partition > kMinPartition && streams * ((capacity + partition - 1) / partition) < target &&
-         (capacity + partition / 2 - 1) / (partition / 2) <= 65535) {  // grid.z
+         (capacity + partition / 2 - 1) / (partition / 2) * sizeof(float) <= kMaxSharedBytes) {
     partition /= 2;
   }
   return partition;
@@ -1407,8 +1398,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
   // Grid and scratch depend on shapes only (never on context_lens): CUDA-graph safe.
   const int partition = partition_tokens(batch * kv_heads, capacity, q.device().index());
   const int64_t num_parts = std::max<int64_t>(1, (capacity + partition - 1) / partition);
-  TORCH_CHECK(num_parts <= 65535, op, ": block_tables allow ", capacity,
-              " tokens per sequence, more than one launch covers (", 65535LL * kPartition, ")");
+  TORCH_CHECK(num_parts <= 65535 && num_parts * sizeof(float) <= kMaxSharedBytes, op,
+              ": block_tables allow ", capacity, " tokens per sequence, more than one launch covers (",
+              kMaxSharedBytes / sizeof(float) * kPartition, ")");
   DecodeParams p;
   p.num_heads = static_cast<int>(num_heads);
   p.kv_heads = static_cast<int>(kv_heads);
@@ -1434,7 +1426,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
     pm = part_stats[0].data_ptr<float>();
     ps = part_stats[1].data_ptr<float>();
   }
-  p.arrivals = arrival_counters(batch * num_heads, num_parts > 1, q, stream);  // >= batch x gridDim.x
   if (bits) {
     const int dtype = q.scalar_type() == at::kHalf ? kQHalf
                       : q.scalar_type() == at::kBFloat16 ? kQBFloat16 : kQFloat;
@@ -1460,6 +1451,22 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
         launch_decode_rows<__nv_bfloat16>(q, k_cache, v_cache, block_tables, context_lens, out, po, pm, ps, p, stream);
         break;
     }
+  }
+  if (num_parts > 1) {
+    const dim3 grid(static_cast<unsigned>(num_heads), static_cast<unsigned>(batch));
+    const size_t smem = sizeof(float) * num_parts;
+    auto reduce = [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      minideploy::launch(decode_attention_reduce_kernel<T>, grid, kThreads, smem, stream,
+          po, pm, ps, context_lens.data_ptr<int>(), reinterpret_cast<T*>(out.data_ptr()),
+          p.num_heads, p.head_dim, p.num_parts, p.partition, capacity);
+    };
+    switch (q.scalar_type()) {
+      case at::kFloat: reduce(static_cast<float*>(nullptr)); break;
+      case at::kHalf: reduce(static_cast<__half*>(nullptr)); break;
+      default: reduce(static_cast<__nv_bfloat16*>(nullptr)); break;
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return out;
 }
