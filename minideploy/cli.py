@@ -21,6 +21,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="tensor-parallel degree: processes on CPU (gloo), GPUs on CUDA (NCCL)")
     p.add_argument("--eager-mode", action="store_true",
                    help="GPU: run decode steps eagerly instead of replaying CUDA graphs")
+    p.add_argument("--lm-head-int8", action="store_true",
+                   help="hold the LM head in int8, one scale per row (faster decode on a CPU)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -34,7 +36,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def engine_config(args) -> EngineConfig:
     return EngineConfig(dtype=args.dtype, device=args.device, session_len=args.session_len, tp=args.tp,
-                        eager_mode=args.eager_mode)
+                        eager_mode=args.eager_mode, lm_head_int8=args.lm_head_int8)
 
 
 def gen_config(args) -> GenerationConfig:

@@ -167,6 +167,10 @@ class EngineConfig:
     eager_mode: on a GPU, launch every decode step's kernels from Python instead of
         replaying CUDA graphs captured per batch bucket (graphs are the default, as in
         LMDeploy's PyTorch engine; single device only).
+    lm_head_int8: hold the LM head in int8, one scale per vocabulary row
+        (`quant.quantize_lm_head_`; not an LMDeploy option): on a CPU a small model's
+        largest matrix then streams a quarter of its float32 bytes (the default model's
+        GGUF stores it in 8 bits too). tp 1 only.
     """
 
     dtype: str = "auto"
@@ -179,6 +183,7 @@ class EngineConfig:
     tp: int = 1
     max_prefill_token_num: int = 8192
     eager_mode: bool = False
+    lm_head_int8: bool = False
 
     QUANT_POLICIES = (0, 4, 8)
 
@@ -203,6 +208,9 @@ class EngineConfig:
                              f"(none, int4 KV, int8 KV), got {self.quant_policy!r}")
         if self.tp < 1:
             raise ValueError(f"EngineConfig.tp must be >= 1, got {self.tp}")
+        if self.lm_head_int8 and self.tp > 1:
+            raise ValueError("EngineConfig.lm_head_int8 needs tp=1 (the tensor-parallel LM head is split by "
+                             f"vocabulary rows and stays float), got tp={self.tp}")
         if self.max_prefill_token_num < 1:
             raise ValueError(f"EngineConfig.max_prefill_token_num must be >= 1, got {self.max_prefill_token_num}")
 

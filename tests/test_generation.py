@@ -162,6 +162,15 @@ def test_chat_cli_answers_piped_input_and_exits():
     assert "session reset" in result.stderr
 
 
+
+def test_generate_cli_with_the_lm_head_in_int8():
+    """--lm-head-int8: the engine swaps the LM head for int8 rows and still answers."""
+    result = run_cli("generate", "--lm-head-int8", "--max-new-tokens", "16", "-p", "What is the capital of France?")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    with pytest.raises(ValueError, match="lm_head_int8 needs tp=1"):
+        md.EngineConfig(lm_head_int8=True, tp=2)
+
 def test_cli_reports_bad_model_paths(tmp_path):
     missing = run_cli("chat", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "nope: no such file or directory" in missing.stderr

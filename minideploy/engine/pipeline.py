@@ -13,6 +13,7 @@ from typing import Iterator, Optional, Sequence, Union
 from ..config import EngineConfig, GenerationConfig
 from ..models import LoadedModel, load_model
 from ..parallel import is_workspace, load_parallel
+from ..quant import quantize_lm_head_
 from .llm_engine import LLMEngine
 from .sequence import Sequence as EngineSequence, Status
 
@@ -38,9 +39,14 @@ class Pipeline:
         self.engine_config = backend_config or EngineConfig()
         self.device = self.engine_config.torch_device()
         if self.engine_config.tp > 1 or is_workspace(model_path):
+            if self.engine_config.lm_head_int8:
+                raise ValueError(f"{model_path}: lm_head_int8 applies to a model loaded whole, not to a "
+                                 "tensor-parallel workspace")
             self.loaded: LoadedModel = load_parallel(model_path, self.engine_config)
         else:
             self.loaded = load_model(model_path, dtype=self.engine_config.torch_dtype(), device=self.device)
+            if self.engine_config.lm_head_int8:
+                quantize_lm_head_(self.loaded.model)
         self.tokenizer = self.loaded.tokenizer
         # With tp > 1 the engine sizes its KV cache from rank 0's share of the heads (model.config).
         self.engine = LLMEngine(self.loaded, self.engine_config)
