@@ -8,7 +8,9 @@ CPU (default): the real default model at batch 1 through the engine's
 generator, float and then with its decoder linears in W4 (RTN g64 in memory),
 then also its LM head in int8 (one scale a row: the default model's GGUF keeps
 that matrix in 8 bits too), then W4A16 as LMDeploy runs it (the float16 model,
-same quantization, LM head float16).
+same quantization, LM head float16). The five (HF included) take turns, one
+timed generation each per round, so that a drift of the machine's speed
+reaches them all alike.
 Writes figures/decode_cpu.json.
 
 CUDA with --model-shape (e.g. llama2-7b): random fp16 weights built on the
@@ -64,16 +66,26 @@ def time_hf(hf, ids: list[int], new_tokens: int) -> tuple[float, list[int]]:
     return time.perf_counter() - start, out[0, len(ids):].tolist()
 
 
-def decode_rate(timer, new_tokens: int, repeats: int) -> dict:
-    """Median decode tokens/s, prefill cancelled out; raw timings kept."""
-    timer(2)  # warm-up: kernel builds, allocator, thread pools
-    full, one, tokens = [], [], None
+def decode_rates(timers: dict, new_tokens: int, repeats: int) -> dict[str, dict]:
+    """Median decode tokens/s of each timer, prefill cancelled out; raw timings kept.
+
+    The timers take turns, round by round: on a machine whose speed drifts (a shared
+    CPU did by 2x within minutes) every variant sees the same drift."""
+    for timer in timers.values():
+        timer(2)  # warm-up: kernel builds, allocator, thread pools
+    runs = {name: {"full": [], "one": [], "tokens": None} for name in timers}
     for _ in range(repeats):
-        t, tokens = timer(new_tokens)
-        full.append(t)
-        one.append(timer(1)[0])
-    rate = (new_tokens - 1) / (summarize(full)["median"] - summarize(one)["median"])
-    return {"tokens_per_s": rate, "seconds_n_tokens": full, "seconds_1_token": one, "tokens": tokens}
+        for name, timer in timers.items():
+            t, runs[name]["tokens"] = timer(new_tokens)
+            runs[name]["full"].append(t)
+            runs[name]["one"].append(timer(1)[0])
+    return {name: {"tokens_per_s": (new_tokens - 1) / (summarize(r["full"])["median"] - summarize(r["one"])["median"]),
+                   "seconds_n_tokens": r["full"], "seconds_1_token": r["one"], "tokens": r["tokens"]}
+            for name, r in runs.items()}
+
+
+def decode_rate(timer, new_tokens: int, repeats: int) -> dict:
+    return decode_rates({"only": timer}, new_tokens, repeats)["only"]
 
 
 def hf_model_of_shape(config: ModelConfig, dtype: torch.dtype, device: str):
@@ -104,27 +116,29 @@ def bench_cpu(args) -> dict:
     ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
                                                add_generation_prompt=True, tokenize=True,
                                                return_dict=False)
-    gen = Generator(loaded.model, loaded.tokenizer, loaded.config, session_len=len(ids) + args.new_tokens)
     hf = AutoModelForCausalLM.from_pretrained(str(loaded.source.path), dtype=dtype).eval()
 
-    hf_result = decode_rate(lambda n: time_hf(hf, ids, n), args.new_tokens, args.repeats)
-    native = decode_rate(lambda n: time_native(gen, ids, n), args.new_tokens, args.repeats)
     quant = QuantConfig(4, args.w4_group_size)
-    quantize_model_(loaded.model, quant)  # RTN in memory: speed does not depend on how scales were found
-    w4 = decode_rate(lambda n: time_native(gen, ids, n), args.new_tokens, args.repeats)
-    # The LM head in int8 too (one scale a row), as the GGUF the default model ships in keeps it.
-    quantize_lm_head_(loaded.model)
-    w4_int8_head = decode_rate(lambda n: time_native(gen, ids, n), args.new_tokens, args.repeats)
+    w4_model = load_model(args.model, dtype=dtype, device="cpu")
+    quantize_model_(w4_model.model, quant)  # RTN in memory: speed does not depend on how scales were found
+    # The same, and the LM head in int8 too (one scale a row), as the default model's GGUF keeps it.
+    w4_head_model = load_model(args.model, dtype=dtype, device="cpu")
+    quantize_lm_head_(quantize_model_(w4_head_model.model, quant))
     # W4A16 as LMDeploy runs it: float16 activations, embeddings and LM head beside the
     # int4 linears (the LM head, the largest matrix left, then streams half the bytes).
     half = load_model(args.model, dtype=torch.float16, device="cpu")
     quantize_model_(half.model, quant)
-    gen_half = Generator(half.model, half.tokenizer, half.config, session_len=len(ids) + args.new_tokens)
-    w4a16 = decode_rate(lambda n: time_native(gen_half, ids, n), args.new_tokens, args.repeats)
+    session_len = len(ids) + args.new_tokens
+    gens = {name: Generator(m.model, m.tokenizer, m.config, session_len=session_len)
+            for name, m in (("native", loaded), ("w4", w4_model), ("w4_int8_head", w4_head_model), ("w4a16", half))}
+    rates = decode_rates({"hf": lambda n: time_hf(hf, ids, n),
+                          **{name: (lambda n, g=g: time_native(g, ids, n)) for name, g in gens.items()}},
+                         args.new_tokens, args.repeats)
+    hf_result, native, w4, w4_int8_head, w4a16 = (rates[k] for k in ("hf", "native", "w4", "w4_int8_head", "w4a16"))
     result = {
         "model": str(loaded.source.path), "dtype": args.dtype, "batch_size": 1,
         "prompt_tokens": len(ids), "new_tokens": args.new_tokens,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "interleaved_repeats": args.repeats,
         "hf_generate": hf_result, "native": native,
         "speedup": native["tokens_per_s"] / hf_result["tokens_per_s"],
         "same_tokens": native["tokens"] == hf_result["tokens"],
