@@ -152,6 +152,25 @@ def test_decode_attention_other_shapes(device, dtype, kv_heads, group, head_dim)
     assert rel_err(out, ref) <= RTOL[dtype]
 
 
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("group", [4, 5, 8, 16])
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_cuda_tensor_core_gqa_matches_reference(dtype, group, block_size):
+    """head_dim 128 and groups of 4..16 take the tensor-core kernel: ragged lengths across
+    16-token tiles and partitions, a single key, empty sequences. Its softmax weights are
+    rounded to the dtype before multiplying V, within RTOL (two roundings, one ulp)."""
+    lens = [0, 1, 15, 16, 17, 63, 700, 3000, 511, 513]
+    q, k, v, tables, lens = paged(lens, block_size, 2, group, 128, dtype, "cuda", seed=group + block_size)
+    out = kernels.decode_attention(q, k, v, tables, lens, 0.09)
+    ref = reference.decode_attention(q, k, v, tables, lens, 0.09)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert rel_err(out, ref) <= RTOL[dtype]
+    for b in range(1, len(lens)):  # no sequence hides behind a small overall error
+        assert rel_err(out[b], ref[b]) <= RTOL[dtype], int(lens[b])
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_decode_attention_empty_sequences_and_batches(device):
     q, k, v, tables, lens = paged([0, 5, 0], 4, 2, 2, 64, torch.float32, device)
@@ -379,8 +398,9 @@ def test_silu_and_mul_rejects_bad_input(device, bad):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_bad_values_give_nan_not_a_crash():
-    q, k, v, tables, lens = paged([5, 9, 700, 20], 4, 2, 3, 64, torch.float16, "cuda")
+@pytest.mark.parametrize("group,head_dim", [(3, 64), (4, 128)], ids=["partition-kernel", "tensor-core"])
+def test_cuda_bad_values_give_nan_not_a_crash(group, head_dim):
+    q, k, v, tables, lens = paged([5, 9, 700, 20], 4, 2, group, head_dim, torch.float16, "cuda")
     lens[0] = 10_000        # longer than the table allows
     lens[1] = -3
     tables[2, 100] = 10**6  # a block id past the cache, inside the length

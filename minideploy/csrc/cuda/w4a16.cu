@@ -108,12 +108,7 @@
 // 0.14 ms of a 7B W4A16 decode step. It needs a repacking of AutoAWQ's layout at load time
 // (as TurboMind converts weights to its own), kept out of export and sharding.
 //
-// Fragment layout (PTX ISA, mma.m16n8k16 with .f16/.bf16 inputs), lane =
-// 4 * gid + tid: A (16 x 16, row-major) registers a0 = A[gid][2tid, 2tid+1],
-// a1 = A[gid+8][2tid, 2tid+1], a2 = A[gid][2tid+8, 2tid+9], a3 = A[gid+8]
-// [2tid+8, 2tid+9]; B (16 x 8) b0 = B[2tid, 2tid+1][gid], b1 = B[2tid+8,
-// 2tid+9][gid]; C (16 x 8, f32) c0, c1 = C[gid][2tid, 2tid+1], c2, c3 =
-// C[gid+8][2tid, 2tid+1]. A product sums over its 16 k slots in any order, so
+// Fragments (mma.cuh has their layout): a product sums over its 16 k slots in any order, so
 // the slots may stand for any 16 k as long as A and B agree: lane (gid, tid)
 // loads chunk 4s+tid of rows gid and gid+8 in k-step s (32 weights each), and
 // its slots (2tid, 2tid+1), (2tid+8, 2tid+9) in the step's j-th mma (j = 0..7)
@@ -129,6 +124,7 @@
 #include <torch/extension.h>
 
 #include "launch.cuh"
+#include "mma.cuh"
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -240,28 +236,6 @@ __device__ __forceinline__ uint4 load_streaming(const uint4* p) {
   return v;
 #else
   return __ldg(p);
-#endif
-}
-
-// d += A (16 x 16, row-major) * B (16 x 8), float32 accumulation.
-template <typename T>
-__device__ __forceinline__ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                            uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (std::is_same_v<T, __half>) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-#else
-  (void)d, (void)a, (void)b0, (void)b1;
-  __trap();  // the host never launches the GEMV below compute capability 8.0
 #endif
 }
 
@@ -384,7 +358,7 @@ __global__ void __launch_bounds__(kWarps* kWarpSize, kMinBlocks[kTokenTiles])
           const uint4& v = xq[f][tt][j / 2];  // x elements 8(j/2) .. 8(j/2)+7 of the chunk
           const uint32_t b0 = (j % 2) ? v.z : v.x;  // k = 4j, 4j+1
           const uint32_t b1 = (j % 2) ? v.w : v.y;  // k = 4j+2, 4j+3
-          mma_16x8x16<T>(acc[tt], a, b0, b1);
+          minideploy::mma_16x8x16<T>(acc[tt], a, b0, b1);
         }
       }
     }
@@ -610,7 +584,7 @@ __global__ void __launch_bounds__(kWarps* kWarpSize, kMinB)
 #pragma unroll
         for (int tt = 0; tt < kTokenTiles; ++tt) {
           const uint4& v = xq[f][tt][j / 2];
-          mma_16x8x16<T>(step[tt], a, (j % 2) ? v.z : v.x, (j % 2) ? v.w : v.y);
+          minideploy::mma_16x8x16<T>(step[tt], a, (j % 2) ? v.z : v.x, (j % 2) ? v.w : v.y);
         }
       }
       const float s0 = to_float(sb[f][0], static_cast<const T*>(nullptr));
