@@ -10,6 +10,9 @@ mean key is taken off, as the engine stores them (means from the calibration
 split), and rotated only, to show what the shift buys. AWQ calibrates on the calibration split (about 12 minutes
 per setting on 2 CPU cores with 64 x 512 tokens). Writes figures/ppl.json, or
 figures/ppl_kv.json for `--settings "" --quant-policy 8,4` (the KV rows alone).
+`--lm-head-int8`: after the float row, the LM head is swapped for int8 rows
+(`quant.quantize_lm_head_`, as `--lm-head-int8` runs it) and every later row keeps
+it; figures/ppl_lm_head_int8.json (`--settings ""`: float against float + int8 head).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import torch
 from ..cache.kv_cache import (KEY_CALIBRATION_LEN, KEY_CALIBRATION_WINDOWS, key_calibration_windows,
                               mean_keys)
 from ..models import load_model
-from ..quant import fake_quantize_model_
+from ..quant import Int8Linear, fake_quantize_model_, quantize_lm_head_
 from ..quant.awq import AWQConfig, awq_search_
 from ..quant.data import token_windows, topics_text
 from ..quant.perplexity import perplexity
@@ -37,6 +40,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--window-len", type=int, default=512)
     parser.add_argument("--settings", default=SETTINGS, help="comma-separated BITS:GROUP_SIZE")
+    parser.add_argument("--lm-head-int8", action="store_true",
+                        help="score every row after the float one with the LM head in int8")
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--search-samples", type=int, default=16,
@@ -59,13 +64,18 @@ def main(argv=None) -> dict:
     def score(method: str, bits=None, group_size=None, kv_policy=0, key_means=None):
         start = time.perf_counter()
         ppl = perplexity(loaded.model, windows, progress=True, quant_policy=kv_policy, key_means=key_means)
+        lm_head = "int8" if isinstance(loaded.model.lm_head, Int8Linear) else "float"
         rows.append({"method": method, "w_bits": bits, "group_size": group_size, "kv_quant_policy": kv_policy,
-                     "kv_key_shift": key_means is not None, "ppl": ppl, "seconds": time.perf_counter() - start})
+                     "kv_key_shift": key_means is not None, "lm_head": lm_head, "ppl": ppl,
+                     "seconds": time.perf_counter() - start})
         print(f"{method:6} {'' if bits is None else f'W{bits} g{group_size}':8} "
               f"{f'KV int{kv_policy}' if kv_policy else '':8} "
-              f"{'' if key_means is None else 'mean key off':12} ppl {ppl:.2f}", flush=True)
+              f"{'' if key_means is None else 'mean key off':12} LM head {lm_head:5} ppl {ppl:.2f}", flush=True)
 
     score("float")
+    if args.lm_head_int8:
+        quantize_lm_head_(loaded.model)
+        score("float")
     if kv_policies:
         key_means = mean_keys(loaded.model, key_calibration_windows(loaded.tokenizer, loaded.config.vocab_size,
                                                                     args.window_len))
@@ -95,7 +105,8 @@ def main(argv=None) -> dict:
                                                "seqlen": min(KEY_CALIBRATION_LEN, args.window_len)}},
               "rows": rows}
     # KV policies alone (--settings "") make a table of their own, beside the weight table.
-    name = ("ppl" if settings else "ppl_kv") + ("" if args.text is None else f"_{args.text.stem}")
+    name = ("ppl_lm_head_int8" if args.lm_head_int8 else "ppl" if settings else "ppl_kv") + (
+        "" if args.text is None else f"_{args.text.stem}")
     print(f"-> {write_result(name, result, 'cpu')}")
     return result
 
