@@ -522,6 +522,9 @@ decode_attention_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
 // split; warp w takes 16-token tiles w, w+4, ... and loads tile i+1 while it computes
 // tile i (two register buffers), and the warps merge through shared memory. The
 // partials and the reduce kernel are the partition kernel's.
+// int8 caches (quant_policy 8) take the same kernel: codes become float16 pairs exactly
+// (a byte under the exponent of 1024, minus 1024) and the scales and zeros fold in around
+// the mma (decode_attention_mma_kernel's comment).
 // Measured on an H100 (2026-11-26, graph-replayed, against the partition kernel; fraction
 // of read bandwidth): 32q/8kv batch 16 x 16k 75% -> 86%, batch 4 x 16k 69% -> 76%,
 // batch 1 x 4k 28% -> 33%; 32q/4kv batch 16 x 16k 26% -> 79%, batch 4 x 4k 13% -> 47%.
@@ -532,6 +535,11 @@ constexpr int kMmaTile = 16;        // tokens a warp computes at a time
 constexpr int kMmaHeadDim = 128;
 constexpr int kMmaMinGroup = 4;     // below, the partition kernel is as fast (MHA: faster)
 constexpr int kMmaMaxGroup = 16;    // the A operand's rows
+
+template <typename T> __device__ __forceinline__ float to_float(T x);
+template <> __device__ __forceinline__ float to_float(float x) { return x; }
+template <> __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <typename T> __device__ __forceinline__ uint32_t pack_pair(float lo, float hi);
 template <> __device__ __forceinline__ uint32_t pack_pair<__half>(float lo, float hi) {
@@ -547,16 +555,39 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-template <typename T>
+// Two int8 codes (bytes 0 and 2 of `pair`) as the T2 (c0, c1), exactly: the bytes go under
+// the exponent of 1024 (float16 0x64XX = 1024 + XX, bfloat16 0x43XX = 128 + XX for XX < 128:
+// not enough, so bfloat16 takes the conversion instructions).
+template <typename T> __device__ __forceinline__ uint32_t codes_pair(uint32_t pair);
+template <> __device__ __forceinline__ uint32_t codes_pair<__half>(uint32_t pair) {
+  const uint32_t biased = __byte_perm(pair, 0x64646464u, 0x4240);  // (1024 + c0, 1024 + c1)
+  const __half2 v = __hsub2(*reinterpret_cast<const __half2*>(&biased), __float2half2_rn(1024.0f));
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t codes_pair<__nv_bfloat16>(uint32_t pair) {
+  return pack_pair<__nv_bfloat16>(static_cast<float>(pair & 0xFFu), static_cast<float>((pair >> 16) & 0xFFu));
+}
+
+// Bits 0: a cache of T rows; 8: int8 codes with (scale, zero) params per row, folded in
+// as the partition kernel folds them: S = s_t (Q . c_t) + z_t sum(Q) on the score
+// fragments, and O = sum_t (P_t s'_t) c'_t + sum_t P_t z'_t with P_t s'_t as the A operand.
+template <typename T, int Bits>
 __global__ void __launch_bounds__(kMmaThreads)
-decode_attention_mma_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
-                            const T* __restrict__ v_cache, const int* __restrict__ block_tables,
+decode_attention_mma_kernel(const T* __restrict__ q, const void* __restrict__ k_cache_v,
+                            const void* __restrict__ v_cache_v, const float2* __restrict__ k_params,
+                            const float2* __restrict__ v_params, const int* __restrict__ block_tables,
                             const int* __restrict__ context_lens, T* __restrict__ out,
                             float* __restrict__ part_out, float* __restrict__ part_max,
                             float* __restrict__ part_sum, DecodeParams p) {
   minideploy::let_next_start_then_wait();  // launch.cuh
   constexpr int D = kMmaHeadDim;
+  constexpr int kRowBytes = Bits ? D * Bits / 8 : D * static_cast<int>(sizeof(T));
+  constexpr int kKLoads = kRowBytes / 4 / 16;  // 16-byte loads of a lane's quarter of a K row
+  constexpr int kVLoads = kRowBytes / 8 / 16;  // ... of its eighth of a V row
+  const uint8_t* k_cache = static_cast<const uint8_t*>(k_cache_v);
+  const uint8_t* v_cache = static_cast<const uint8_t*>(v_cache_v);
   __shared__ uint4 q_frag[8][kWarpSize];                   // step j, lane: (a0, a1, a2, a3)
+  __shared__ float q_sum[kMmaMaxGroup];                    // Bits 8: sum of each head's q
   __shared__ float warp_acc[kMmaWarps][kMmaMaxGroup][D + 4];  // +4: no bank conflicts
   __shared__ float warp_m[kMmaWarps][kMmaMaxGroup], warp_l[kMmaWarps][kMmaMaxGroup];
 
@@ -595,34 +626,86 @@ decode_attention_mma_kernel(const T* __restrict__ q, const T* __restrict__ k_cac
       q_frag[j][lane] = make_uint4(word_of(r0[j / 2], w), word_of(r1[j / 2], w),
                                    word_of(r0[j / 2], w + 1), word_of(r1[j / 2], w + 1));
     }
+    if constexpr (Bits != 0) {  // sum(q) of heads gid and gid + 8: the lane's 32 dims, then its quad
+      float sums[2] = {0.0f, 0.0f};
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const T* h0 = reinterpret_cast<const T*>(&r0[c]) + 2 * e;
+          const T* h1 = reinterpret_cast<const T*>(&r1[c]) + 2 * e;
+          sums[0] += to_float(h0[0]) + to_float(h0[1]);
+          sums[1] += to_float(h1[0]) + to_float(h1[1]);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        sums[r] += __shfl_xor_sync(0xffffffffu, sums[r], 1);
+        sums[r] += __shfl_xor_sync(0xffffffffu, sums[r], 2);
+        if (tid == 0) q_sum[gid + 8 * r] = sums[r];
+      }
+    }
   }
   __syncthreads();
 
-  // Token t's row of kv head kvh, or null past `end` or for a bad block id (then zeros
-  // are loaded and the sequence is poisoned below).
+  // Token t's row index (slot x kv heads + kvh), or -1 past `end` or for a bad block id
+  // (then zeros are loaded and the sequence is poisoned below).
   bool bad_block = false;
-  auto row = [&](const T* cache, int t) -> const uint4* {
-    if (t >= end) return nullptr;
+  auto row = [&](int t) -> int64_t {
+    if (t >= end) return -1;
     const int block = table[t / p.block_size];
     if (block < 0 || block >= p.num_blocks) {
       bad_block = true;
-      return nullptr;
+      return -1;
     }
-    return reinterpret_cast<const uint4*>(
-        cache + ((static_cast<int64_t>(block) * p.block_size + t % p.block_size) * p.kv_heads + kvh) * D);
+    return (static_cast<int64_t>(block) * p.block_size + t % p.block_size) * p.kv_heads + kvh;
   };
-  auto load = [&](int t0, uint4 (&kr)[2][4], uint4 (&vr)[4][2]) {
+  // A tile's loads: K rows t0 + 8 nt + gid (the lane's quarter, dims 32 tid ..), V rows
+  // t0 + 2tid, +1, +8, +9 (its eighth, dims 16 gid ..), and (Bits 8) the params of the
+  // lane's four tokens t0 + 2tid + {0, 1, 8, 9}: those of its score and V fragments.
+  struct Tile {
+    uint4 k[2][kKLoads], v[4][kVLoads];
+    float2 kp[4], vp[4];
+  };
+  auto load = [&](int t0, Tile& tile) {
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {  // K rows t0 + 8 nt + gid, dims 32 tid ..
-      const uint4* src = row(k_cache, t0 + 8 * nt + gid);
+    for (int nt = 0; nt < 2; ++nt) {
+      const int64_t r = row(t0 + 8 * nt + gid);
+      const uint4* src = reinterpret_cast<const uint4*>(k_cache + r * kRowBytes) + kKLoads * tid;
 #pragma unroll
-      for (int c = 0; c < 4; ++c) kr[nt][c] = src ? __ldg(src + 4 * tid + c) : make_uint4(0, 0, 0, 0);
+      for (int c = 0; c < kKLoads; ++c) tile.k[nt][c] = r >= 0 ? __ldg(src + c) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {  // V rows t0 + 2tid, +1, +8, +9, dims 16 gid ..
-      const uint4* src = row(v_cache, t0 + 2 * tid + (r & 1) + 8 * (r >> 1));
-      vr[r][0] = src ? __ldg(src + 2 * gid) : make_uint4(0, 0, 0, 0);
-      vr[r][1] = src ? __ldg(src + 2 * gid + 1) : make_uint4(0, 0, 0, 0);
+    for (int i = 0; i < 4; ++i) {
+      const int64_t r = row(t0 + 2 * tid + (i & 1) + 8 * (i >> 1));
+      const uint4* src = reinterpret_cast<const uint4*>(v_cache + r * kRowBytes) + kVLoads * gid;
+#pragma unroll
+      for (int c = 0; c < kVLoads; ++c) tile.v[i][c] = r >= 0 ? __ldg(src + c) : make_uint4(0, 0, 0, 0);
+      if constexpr (Bits != 0) {
+        tile.kp[i] = r >= 0 ? __ldg(k_params + r) : make_float2(0.0f, 0.0f);
+        tile.vp[i] = r >= 0 ? __ldg(v_params + r) : make_float2(0.0f, 0.0f);
+      }
+    }
+  };
+  // The B operands: K's pair of dims (slot pair `half` of k-step j) for the n-tile's token,
+  // V's pair of tokens (2tid + {0, 1} or + {8, 9}: `upper`) for dim 16 gid + i.
+  auto k_pair = [&](const Tile& tile, int nt, int j, int half) -> uint32_t {
+    if constexpr (Bits == 0) {
+      return word_of(tile.k[nt][j / 2], 2 * (j % 2) + half);
+    } else {  // dims 4j + 2 half, +1: bytes 4j + 2 half, +1 of the lane's 32 codes
+      const uint32_t w = word_of(tile.k[nt][j / 4], j % 4);
+      return codes_pair<T>(__byte_perm(w, 0u, half ? 0x7372 : 0x7170));
+    }
+  };
+  auto v_pair = [&](const Tile& tile, int i, int upper) -> uint32_t {
+    const uint4& a = tile.v[2 * upper][Bits == 0 ? i / 8 : 0];
+    const uint4& b = tile.v[2 * upper + 1][Bits == 0 ? i / 8 : 0];
+    if constexpr (Bits == 0) {  // the high or the low halves of two words
+      const int w = (i % 8) / 2;
+      return __byte_perm(word_of(a, w), word_of(b, w), (i % 2) ? 0x7632u : 0x5410u);
+    } else {  // byte i of each row's 16 codes
+      const int w = i / 4, byte = i % 4;
+      return codes_pair<T>(__byte_perm(word_of(a, w), word_of(b, w), byte | ((byte + 4) << 8)));
     }
   };
 
@@ -630,8 +713,10 @@ decode_attention_mma_kernel(const T* __restrict__ q, const T* __restrict__ k_cac
 #pragma unroll
   for (int i = 0; i < 16; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
   float m[2] = {-CUDART_INF_F, -CUDART_INF_F}, l[2] = {0.0f, 0.0f};  // rows gid, gid + 8
+  float zsum[2] = {0.0f, 0.0f};  // Bits 8: sum_t P_t z'_t of rows gid, gid + 8 (this lane's tokens)
+  const float qs[2] = {Bits ? q_sum[gid] : 0.0f, Bits ? q_sum[gid + 8] : 0.0f};
 
-  auto compute = [&](int t0, const uint4 (&kr)[2][4], const uint4 (&vr)[4][2]) {
+  auto compute = [&](int t0, const Tile& tile) {
     float s[2][4] = {};  // 8-token halves of the tile: c0..c3 as the C layout
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -639,17 +724,21 @@ decode_attention_mma_kernel(const T* __restrict__ q, const T* __restrict__ k_cac
       const uint32_t a[4] = {qa.x, qa.y, qa.z, qa.w};
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
-        minideploy::mma_16x8x16<T>(s[nt], a, word_of(kr[nt][j / 2], 2 * (j % 2)),
-                                   word_of(kr[nt][j / 2], 2 * (j % 2) + 1));
+        minideploy::mma_16x8x16<T>(s[nt], a, k_pair(tile, nt, j, 0), k_pair(tile, nt, j, 1));
       }
     }
     float top[2] = {m[0], m[1]};
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {  // e: token 2tid + e % 2 of the half, row gid + 8 (e / 2)
+      for (int e = 0; e < 4; ++e) {  // e: token 2tid + e % 2 of the half (lane token 2 nt + e % 2), row gid + 8 (e / 2)
         const bool ok = t0 + 8 * nt + 2 * tid + e % 2 < end;
-        s[nt][e] = ok ? s[nt][e] * p.scale : -CUDART_INF_F;
+        float score = s[nt][e];
+        if constexpr (Bits != 0) {
+          const float2 kp = tile.kp[2 * nt + e % 2];  // (scale, zero)
+          score = fmaf(kp.x, score, kp.y * qs[e / 2]);
+        }
+        s[nt][e] = ok ? score * p.scale : -CUDART_INF_F;
         top[e / 2] = fmaxf(top[e / 2], s[nt][e]);
       }
     }
@@ -659,6 +748,7 @@ decode_attention_mma_kernel(const T* __restrict__ q, const T* __restrict__ k_cac
       top[r] = fmaxf(top[r], __shfl_xor_sync(0xffffffffu, top[r], 2));
       const float alpha = rescale(m[r], top[r]);
       l[r] *= alpha;
+      zsum[r] *= alpha;
 #pragma unroll
       for (int i = 0; i < 16; ++i) {
         acc[i][2 * r] *= alpha;
@@ -672,6 +762,11 @@ decode_attention_mma_kernel(const T* __restrict__ q, const T* __restrict__ k_cac
       for (int e = 0; e < 4; ++e) {
         s[nt][e] = rescale(s[nt][e], m[e / 2]);  // now the weight of the token
         l[e / 2] += s[nt][e];
+        if constexpr (Bits != 0) {  // the A operand takes P_t s'_t; the zeros go to zsum
+          const float2 vp = tile.vp[2 * nt + e % 2];
+          zsum[e / 2] = fmaf(s[nt][e], vp.y, zsum[e / 2]);
+          s[nt][e] *= vp.x;
+        }
       }
     }
     // P's A fragments are the score fragments: a0 = P[gid][tokens 2tid, 2tid+1] (first
@@ -680,32 +775,37 @@ decode_attention_mma_kernel(const T* __restrict__ q, const T* __restrict__ k_cac
                             pack_pair<T>(s[1][0], s[1][1]), pack_pair<T>(s[1][2], s[1][3])};
 #pragma unroll
     for (int i = 0; i < 16; ++i) {  // b0 = V[2tid, 2tid+1][16 gid + i], b1 = V[2tid+8, 2tid+9][...]
-      const int w = (i % 8) / 2;
-      const uint32_t sel = (i % 2) ? 0x7632u : 0x5410u;  // the high or the low halves of two words
-      const uint32_t b0 = __byte_perm(word_of(vr[0][i / 8], w), word_of(vr[1][i / 8], w), sel);
-      const uint32_t b1 = __byte_perm(word_of(vr[2][i / 8], w), word_of(vr[3][i / 8], w), sel);
-      minideploy::mma_16x8x16<T>(acc[i], pa, b0, b1);
+      minideploy::mma_16x8x16<T>(acc[i], pa, v_pair(tile, i, 0), v_pair(tile, i, 1));
     }
   };
 
   // Two register buffers: the next tile's loads are in flight while this one is computed.
   constexpr int kStride = kMmaWarps * kMmaTile;
-  uint4 k_a[2][4], v_a[4][2], k_b[2][4], v_b[4][2];
+  Tile tile_a, tile_b;
   int t0 = start + warp * kMmaTile;
-  if (t0 < end) load(t0, k_a, v_a);
+  if (t0 < end) load(t0, tile_a);
   while (t0 < end) {
-    if (t0 + kStride < end) load(t0 + kStride, k_b, v_b);
-    compute(t0, k_a, v_a);
+    if (t0 + kStride < end) load(t0 + kStride, tile_b);
+    compute(t0, tile_a);
     t0 += kStride;
     if (t0 >= end) break;
-    if (t0 + kStride < end) load(t0 + kStride, k_a, v_a);
-    compute(t0, k_b, v_b);
+    if (t0 + kStride < end) load(t0 + kStride, tile_a);
+    compute(t0, tile_b);
     t0 += kStride;
   }
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {  // a row's sum: its quad's four lanes
+  for (int r = 0; r < 2; ++r) {  // a row's sums: its quad's four lanes
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    if constexpr (Bits != 0) {
+      zsum[r] += __shfl_xor_sync(0xffffffffu, zsum[r], 1);
+      zsum[r] += __shfl_xor_sync(0xffffffffu, zsum[r], 2);
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {  // every dim of the row gets sum_t P_t z'_t
+        acc[i][2 * r] += zsum[r];
+        acc[i][2 * r + 1] += zsum[r];
+      }
+    }
   }
   // A bad block id poisons the sequence: NaN flows through every merge into the output.
   if (__any_sync(0xffffffffu, bad_block)) l[0] = l[1] = CUDART_NAN_F;
@@ -819,10 +919,6 @@ decode_attention_reduce_kernel(const float* __restrict__ part_out,
 // Quantized caches (quant_policy 8 / 4): store
 // ---------------------------------------------------------------------------
 
-template <typename T> __device__ __forceinline__ float to_float(T x);
-template <> __device__ __forceinline__ float to_float(float x) { return x; }
-template <> __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-template <> __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // Code of x for a row with minimum lo and step scale: the reference's float32 ops, IEEE
 // division (__fdiv_rn), round half to even (rintf), clamped; 0 when scale == 0.
@@ -1531,18 +1627,16 @@ bool mma_fits(const DecodeParams& p, int device) {
   return major >= 8 && p.head_dim == kMmaHeadDim && p.group >= kMmaMinGroup && p.group <= kMmaMaxGroup;
 }
 
-template <typename T>
-void launch_decode_mma(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                       const at::Tensor& block_tables, const at::Tensor& context_lens, at::Tensor& out,
+template <typename T, int Bits>
+void launch_decode_mma(const void* q, const void* k_cache, const void* v_cache, const float2* k_params,
+                       const float2* v_params, const int* block_tables, const int* context_lens, void* out,
                        float* part_out, float* part_max, float* part_sum, const DecodeParams& p,
-                       cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(p.kv_heads), static_cast<unsigned>(q.size(0)),
+                       int64_t batch, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(p.kv_heads), static_cast<unsigned>(batch),
                   static_cast<unsigned>(p.num_parts));
-  minideploy::launch(decode_attention_mma_kernel<T>, grid, kMmaThreads, 0, stream,
-      reinterpret_cast<const T*>(q.data_ptr()), reinterpret_cast<const T*>(k_cache.data_ptr()),
-      reinterpret_cast<const T*>(v_cache.data_ptr()), block_tables.data_ptr<int>(),
-      context_lens.data_ptr<int>(), reinterpret_cast<T*>(out.data_ptr()), part_out, part_max,
-      part_sum, p);
+  minideploy::launch(decode_attention_mma_kernel<T, Bits>, grid, kMmaThreads, 0, stream,
+      static_cast<const T*>(q), k_cache, v_cache, k_params, v_params, block_tables, context_lens,
+      static_cast<T*>(out), part_out, part_max, part_sum, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1555,7 +1649,9 @@ void launch_decode_rows(const at::Tensor& q, const at::Tensor& k_cache, const at
                         cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, float>) {
     if (mma_fits(p, q.device().index())) {
-      launch_decode_mma<T>(q, k_cache, v_cache, block_tables, context_lens, out, po, pm, ps, p, stream);
+      launch_decode_mma<T, 0>(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), nullptr, nullptr,
+                              block_tables.data_ptr<int>(), context_lens.data_ptr<int>(), out.data_ptr(),
+                              po, pm, ps, p, q.size(0), stream);
       return;
     }
   }
@@ -1633,7 +1729,13 @@ void launch_decode_quant_lanes(const QuantBuffers& d, const DecodeParams& p, int
 
 template <int Bits>
 void launch_decode_quant_rows(const QuantBuffers& d, const DecodeParams& p, int64_t batch,
-                              cudaStream_t stream) {
+                              cudaStream_t stream, int device) {
+  if (Bits == 8 && d.dtype != kQFloat && mma_fits(p, device)) {  // int8 GQA: the tensor-core kernel
+    auto launch = d.dtype == kQHalf ? launch_decode_mma<__half, 8> : launch_decode_mma<__nv_bfloat16, 8>;
+    launch(d.q, d.k, d.v, d.k_params, d.v_params, d.tables, d.lens, d.out, d.po, d.pm, d.ps, p, batch,
+           stream);
+    return;
+  }
   if (p.head_dim % 16 == 0) {
     launch_decode_quant_lanes<Bits, 16>(d, p, batch, stream);
   } else {
@@ -1730,9 +1832,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                          block_tables.data_ptr<int>(), context_lens.data_ptr<int>(), out.data_ptr(),
                          po, pm, ps, dtype};
     if (bits == 8) {
-      launch_decode_quant_rows<8>(d, p, batch, stream);
+      launch_decode_quant_rows<8>(d, p, batch, stream, q.device().index());
     } else {
-      launch_decode_quant_rows<4>(d, p, batch, stream);
+      launch_decode_quant_rows<4>(d, p, batch, stream, q.device().index());
     }
   } else {
     switch (q.scalar_type()) {
