@@ -257,6 +257,41 @@ __device__ __forceinline__ float rescale(float x, float max) {
   return max == -CUDART_INF_F ? 0.0f : fast_exp2(x - max);
 }
 
+// A block's last step: the W warps' running softmaxes (max m, sum l, weighted values acc,
+// read through m_of(w, h), l_of(w, h), acc_of(w, h, d)) merged for each element of its
+// `heads` query heads, then written: write(i, value) for element i when the block finishes
+// its sequence (`direct`), else its partition's results, rows first_row + h * num_parts.
+template <int W, typename MOf, typename LOf, typename AccOf, typename Write>
+__device__ __forceinline__ void finish_block(int heads, int head_dim, bool direct, int64_t first_row,
+                                             int num_parts, float* __restrict__ part_out,
+                                             float* __restrict__ part_max, float* __restrict__ part_sum,
+                                             MOf m_of, LOf l_of, AccOf acc_of, Write write) {
+  for (int i = threadIdx.x; i < heads * head_dim; i += blockDim.x) {
+    const int h = i / head_dim, d = i % head_dim;
+    float top = -CUDART_INF_F;
+#pragma unroll
+    for (int w = 0; w < W; ++w) top = fmaxf(top, m_of(w, h));
+    float sum = 0.0f, total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+      const float weight = rescale(m_of(w, h), top);
+      sum += l_of(w, h) * weight;
+      total += acc_of(w, h, d) * weight;
+    }
+    const float value = total / sum;
+    if (direct) {
+      write(i, value);
+    } else {
+      const int64_t row = first_row + static_cast<int64_t>(h) * num_parts;
+      part_out[row * head_dim + d] = value;
+      if (d == 0) {
+        part_max[row] = top;
+        part_sum[row] = sum;
+      }
+    }
+  }
+}
+
 // T: element type. L: lanes reading one key row. NP: 16-byte packs per lane per row
 // (a row has head_dim / PackSize packs, at most L * NP). HPB: query heads per block.
 //
@@ -470,30 +505,11 @@ decode_attention_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < nh * p.head_dim; i += kThreads) {
-    const int h = i / p.head_dim, d = i % p.head_dim;
-    float top = -CUDART_INF_F;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) top = fmaxf(top, warp_m[w][h]);
-    float sum = 0.0f, total = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float weight = rescale(warp_m[w][h], top);
-      sum += warp_l[w][h] * weight;
-      total += warp_acc[(w * HPB + h) * p.head_dim + d] * weight;
-    }
-    const float value = total / sum;
-    if (direct) {
-      store(out + out_offset + i, value);
-    } else {
-      const int64_t row = (static_cast<int64_t>(b) * p.num_heads + head0 + h) * p.num_parts + part;
-      part_out[row * p.head_dim + d] = value;
-      if (d == 0) {
-        part_max[row] = top;
-        part_sum[row] = sum;
-      }
-    }
-  }
+  finish_block<kWarps>(
+      nh, p.head_dim, direct, (static_cast<int64_t>(b) * p.num_heads + head0) * p.num_parts + part,
+      p.num_parts, part_out, part_max, part_sum, [&](int w, int h) { return warp_m[w][h]; },
+      [&](int w, int h) { return warp_l[w][h]; }, [&](int w, int h, int d) { return warp_acc[(w * HPB + h) * p.head_dim + d]; },
+      [&](int i, float v) { store(out + out_offset + i, v); });
 }
 
 // ---------------------------------------------------------------------------
@@ -833,30 +849,11 @@ decode_attention_mma_kernel(const T* __restrict__ q, const void* __restrict__ k_
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < p.group * D; i += kMmaThreads) {
-    const int h = i / D, d = i % D;
-    float top = -CUDART_INF_F;
-#pragma unroll
-    for (int w = 0; w < kMmaWarps; ++w) top = fmaxf(top, warp_m[w][h]);
-    float sum = 0.0f, total = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kMmaWarps; ++w) {
-      const float weight = rescale(warp_m[w][h], top);
-      sum += warp_l[w][h] * weight;
-      total += warp_acc[w][h][d] * weight;
-    }
-    const float value = total / sum;
-    if (direct) {
-      store(out + out_offset + i, value);
-    } else {
-      const int64_t row_index = (static_cast<int64_t>(b) * p.num_heads + head0 + h) * p.num_parts + part;
-      part_out[row_index * D + d] = value;
-      if (d == 0) {
-        part_max[row_index] = top;
-        part_sum[row_index] = sum;
-      }
-    }
-  }
+  finish_block<kMmaWarps>(
+      p.group, D, direct, (static_cast<int64_t>(b) * p.num_heads + head0) * p.num_parts + part,
+      p.num_parts, part_out, part_max, part_sum, [&](int w, int h) { return warp_m[w][h]; },
+      [&](int w, int h) { return warp_l[w][h]; }, [&](int w, int h, int d) { return warp_acc[w][h][d]; },
+      [&](int i, float v) { store(out + out_offset + i, v); });
 }
 
 // ---------------------------------------------------------------------------
@@ -1240,30 +1237,11 @@ decode_attention_quant_kernel(const void* __restrict__ q, const uint8_t* __restr
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < nh * p.head_dim; i += kThreads) {
-    const int h = i / p.head_dim, d = i % p.head_dim;
-    float top = -CUDART_INF_F;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) top = fmaxf(top, warp_m[w][h]);
-    float sum = 0.0f, total = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float weight = rescale(warp_m[w][h], top);
-      sum += warp_l[w][h] * weight;
-      total += warp_acc[(w * HPB + h) * p.head_dim + d] * weight;
-    }
-    const float value = total / sum;
-    if (direct) {
-      store_out(out, out_offset + i, value, dtype);
-    } else {
-      const int64_t row = (static_cast<int64_t>(b) * p.num_heads + head0 + h) * p.num_parts + part;
-      part_out[row * p.head_dim + d] = value;
-      if (d == 0) {
-        part_max[row] = top;
-        part_sum[row] = sum;
-      }
-    }
-  }
+  finish_block<kWarps>(
+      nh, p.head_dim, direct, (static_cast<int64_t>(b) * p.num_heads + head0) * p.num_parts + part,
+      p.num_parts, part_out, part_max, part_sum, [&](int w, int h) { return warp_m[w][h]; },
+      [&](int w, int h) { return warp_l[w][h]; }, [&](int w, int h, int d) { return warp_acc[(w * HPB + h) * p.head_dim + d]; },
+      [&](int i, float v) { store_out(out, out_offset + i, v, dtype); });
 }
 
 // ---------------------------------------------------------------------------
