@@ -103,6 +103,8 @@ def test_quantize_lm_head_unties_it_and_keeps_the_embedding():
     embedding = model.embed.weight.detach().clone()
     quantize_lm_head_(model)
     assert isinstance(model.lm_head, Int8Linear) and torch.equal(model.embed.weight, embedding)
+    with pytest.raises(TypeError, match="must be a float linear, got Int8Linear"):
+        quantize_lm_head_(model)
     ids = torch.randint(0, 100, (2, 9))
     with torch.inference_mode():
         hidden = model(ids, ForwardContext(torch.arange(9).expand(2, -1), 9), KVCache(config, 2, 9, torch.float32, "cpu"))

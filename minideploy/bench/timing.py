@@ -108,6 +108,7 @@ def time_graph(fn: Callable[[], object], calls: int, device: torch.device, repea
             fn()
     return [t / calls for t in time_fn(graph.replay, warmup=2, repeats=repeats, device=device)]
 
+
 def describe(samples: list[float]) -> dict:
     """Median and spread (min, quartiles, max) of raw samples."""
     ordered = sorted(samples)

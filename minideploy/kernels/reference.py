@@ -226,7 +226,6 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return torch.nn.functional.linear(x, dequantize_w4(qweight, scales, zeros))
 
 
-
 # --- int8 linear (the LM head in int8) -----------------------------------------------
 #
 # qweight [N, K] int8, scales [N] float32: w[n, k] = qweight[n, k] * scales[n]
@@ -251,6 +250,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     """x [M, K] @ (scales[:, None] * qweight)^T → [M, N] in x's dtype: float32 sums, then the scale."""
     check_int8_linear_args(x, qweight, scales)
     return (torch.nn.functional.linear(x.float(), qweight.float()) * scales).to(x.dtype)
+
 
 # --- KV cache writes and decode attention --------------------------------------------
 #

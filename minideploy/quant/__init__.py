@@ -78,5 +78,7 @@ def quantize_lm_head_(model: LlamaModel) -> LlamaModel:
 
     The embedding keeps its float weight (a tied one is untied: the lookup reads one
     row a token, the head all of them). Not part of AutoAWQ's format: a runtime choice."""
+    if not isinstance(getattr(model.lm_head, "weight", None), torch.Tensor):
+        raise TypeError(f"quantize_lm_head_: the LM head must be a float linear, got {type(model.lm_head).__name__}")
     model.lm_head = Int8Linear.from_float(model.lm_head.weight)
     return model
