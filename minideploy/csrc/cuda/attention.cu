@@ -538,8 +538,8 @@ decode_attention_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
 // split; warp w takes 16-token tiles w, w+4, ... and loads tile i+1 while it computes
 // tile i (two register buffers), and the warps merge through shared memory. The
 // partials and the reduce kernel are the partition kernel's.
-// int8 caches (quant_policy 8) take the same kernel: codes become float16 pairs exactly
-// (a byte under the exponent of 1024, minus 1024) and the scales and zeros fold in around
+// int8 and int4 caches (quant_policy 8, 4) take the same kernel: codes become float16
+// pairs exactly (a byte or nibble under the exponent of 1024, minus 1024) and the scales and zeros fold in around
 // the mma (decode_attention_mma_kernel's comment). 32q/8kv int8, graph-replayed: batch
 // 16 x 16k 35% -> 51%, batch 4 x 4k 29% -> 42%, but batch 1 x 4k / 8k 14.3 -> 15.8 us /
 // 21.6 -> 25.2 us (slower: 128 blocks of 4 warps do not fill the GPU).
@@ -586,7 +586,7 @@ template <> __device__ __forceinline__ uint32_t codes_pair<__nv_bfloat16>(uint32
   return pack_pair<__nv_bfloat16>(static_cast<float>(pair & 0xFFu), static_cast<float>((pair >> 16) & 0xFFu));
 }
 
-// Bits 0: a cache of T rows; 8: int8 codes with (scale, zero) params per row, folded in
+// Bits 0: a cache of T rows; 8 / 4: int8 / int4 codes with (scale, zero) params per row, folded in
 // as the partition kernel folds them: S = s_t (Q . c_t) + z_t sum(Q) on the score
 // fragments, and O = sum_t (P_t s'_t) c'_t + sum_t P_t z'_t with P_t s'_t as the A operand.
 template <typename T, int Bits>
@@ -601,7 +601,7 @@ decode_attention_mma_kernel(const T* __restrict__ q, const void* __restrict__ k_
   constexpr int D = kMmaHeadDim;
   constexpr int kRowBytes = Bits ? D * Bits / 8 : D * static_cast<int>(sizeof(T));
   constexpr int kKLoads = kRowBytes / 4 / 16;  // 16-byte loads of a lane's quarter of a K row
-  constexpr int kVLoads = kRowBytes / 8 / 16;  // ... of its eighth of a V row
+  constexpr int kVLoads = (kRowBytes / 8 + 15) / 16;  // ... of its eighth of a V row (int4: 8 bytes)
   const uint8_t* k_cache = static_cast<const uint8_t*>(k_cache_v);
   const uint8_t* v_cache = static_cast<const uint8_t*>(v_cache_v);
   __shared__ uint4 q_frag[8][kWarpSize];                   // step j, lane: (a0, a1, a2, a3)
@@ -698,7 +698,14 @@ decode_attention_mma_kernel(const T* __restrict__ q, const void* __restrict__ k_
       const int64_t r = row(t0 + 2 * tid + (i & 1) + 8 * (i >> 1));
       const uint4* src = reinterpret_cast<const uint4*>(v_cache + r * kRowBytes) + kVLoads * gid;
 #pragma unroll
-      for (int c = 0; c < kVLoads; ++c) tile.v[i][c] = r >= 0 ? __ldg(src + c) : make_uint4(0, 0, 0, 0);
+      if constexpr (Bits == 4) {  // 16 codes: 8 bytes
+        const uint2 half_pack = r >= 0 ? __ldg(reinterpret_cast<const uint2*>(v_cache + r * kRowBytes) + gid)
+                                       : make_uint2(0, 0);
+        tile.v[i][0] = make_uint4(half_pack.x, half_pack.y, 0, 0);
+      } else {
+#pragma unroll
+        for (int c = 0; c < kVLoads; ++c) tile.v[i][c] = r >= 0 ? __ldg(src + c) : make_uint4(0, 0, 0, 0);
+      }
       if constexpr (Bits != 0) {
         tile.kp[i] = r >= 0 ? __ldg(k_params + r) : make_float2(0.0f, 0.0f);
         tile.vp[i] = r >= 0 ? __ldg(v_params + r) : make_float2(0.0f, 0.0f);
@@ -710,9 +717,13 @@ decode_attention_mma_kernel(const T* __restrict__ q, const void* __restrict__ k_
   auto k_pair = [&](const Tile& tile, int nt, int j, int half) -> uint32_t {
     if constexpr (Bits == 0) {
       return word_of(tile.k[nt][j / 2], 2 * (j % 2) + half);
-    } else {  // dims 4j + 2 half, +1: bytes 4j + 2 half, +1 of the lane's 32 codes
+    } else if constexpr (Bits == 8) {  // dims 4j + 2 half, +1: bytes 4j + 2 half, +1 of the lane's 32 codes
       const uint32_t w = word_of(tile.k[nt][j / 4], j % 4);
       return codes_pair<T>(__byte_perm(w, 0u, half ? 0x7372 : 0x7170));
+    } else {  // int4: both dims in byte 2j + half of the lane's 16 (low nibble: the even dim)
+      const uint32_t byte = 2 * (j % 2) + half;
+      const uint32_t x = __byte_perm(word_of(tile.k[nt][0], j / 2), 0u, byte | 0x70 | (byte << 8) | 0x7000);
+      return codes_pair<T>((x & 0xFu) | ((x >> 4) & 0x000F0000u));
     }
   };
   auto v_pair = [&](const Tile& tile, int i, int upper) -> uint32_t {
@@ -721,9 +732,13 @@ decode_attention_mma_kernel(const T* __restrict__ q, const void* __restrict__ k_
     if constexpr (Bits == 0) {  // the high or the low halves of two words
       const int w = (i % 8) / 2;
       return __byte_perm(word_of(a, w), word_of(b, w), (i % 2) ? 0x7632u : 0x5410u);
-    } else {  // byte i of each row's 16 codes
+    } else if constexpr (Bits == 8) {  // byte i of each row's 16 codes
       const int w = i / 4, byte = i % 4;
       return codes_pair<T>(__byte_perm(word_of(a, w), word_of(b, w), byte | ((byte + 4) << 8)));
+    } else {  // int4: nibble i % 2 of byte i / 2 of each row's 8 bytes
+      const int w = i / 8, byte = (i / 2) % 4;
+      const uint32_t x = __byte_perm(word_of(a, w), word_of(b, w), byte | ((byte + 4) << 8));
+      return codes_pair<T>(((i % 2) ? x >> 4 : x) & 0x000F000Fu);
     }
   };
 
@@ -1710,8 +1725,8 @@ void launch_decode_quant_lanes(const QuantBuffers& d, const DecodeParams& p, int
 template <int Bits>
 void launch_decode_quant_rows(const QuantBuffers& d, const DecodeParams& p, int64_t batch,
                               cudaStream_t stream, int device) {
-  if (Bits == 8 && d.dtype != kQFloat && mma_fits(p, device)) {  // int8 GQA: the tensor-core kernel
-    auto launch = d.dtype == kQHalf ? launch_decode_mma<__half, 8> : launch_decode_mma<__nv_bfloat16, 8>;
+  if (d.dtype != kQFloat && mma_fits(p, device)) {  // GQA: the tensor-core kernel
+    auto launch = d.dtype == kQHalf ? launch_decode_mma<__half, Bits> : launch_decode_mma<__nv_bfloat16, Bits>;
     launch(d.q, d.k, d.v, d.k_params, d.v_params, d.tables, d.lens, d.out, d.po, d.pm, d.ps, p, batch,
            stream);
     return;
