@@ -542,7 +542,10 @@ decode_attention_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
 // pairs exactly (a byte or nibble under the exponent of 1024, minus 1024) and the scales and zeros fold in around
 // the mma (decode_attention_mma_kernel's comment). 32q/8kv int8, graph-replayed: batch
 // 16 x 16k 35% -> 51%, batch 4 x 4k 29% -> 42%, but batch 1 x 4k / 8k 14.3 -> 15.8 us /
-// 21.6 -> 25.2 us (slower: 128 blocks of 4 warps do not fill the GPU).
+// 21.6 -> 25.2 us (slower: 128 blocks of 4 warps do not fill the GPU). int4: batch 16 x
+// 16k 19% -> 27%, batch 1 x 4k 13.8 -> 14.7 us. int8 and int4 now take the same time
+// (batch 64 x 16k: 1.41 and 1.44 ms; float16 1.56 ms at 90%): the quantized tiles are
+// bound by their instructions (params loads, byte permutes, the folding), not by bytes.
 // Measured on an H100 (2026-11-26, graph-replayed, against the partition kernel; fraction
 // of read bandwidth): 32q/8kv batch 16 x 16k 75% -> 86%, batch 4 x 16k 69% -> 76%,
 // batch 1 x 4k 28% -> 33%; 32q/4kv batch 16 x 16k 26% -> 79%, batch 4 x 4k 13% -> 47%.
