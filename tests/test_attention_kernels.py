@@ -28,8 +28,8 @@ BIG = 0  # block_size 0 in a parametrization: one block holds a whole sequence
 
 
 @pytest.fixture(autouse=True)
-def _compiled(monkeypatch):
-    monkeypatch.setenv(kernels.ENV_VAR, "compiled")
+def _compiled(kernel_mode):
+    kernel_mode("compiled")
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import subprocess
+import sys
 import time
 import warnings
 
@@ -38,9 +40,9 @@ MAX_POSITIONS = 257
 
 
 @pytest.fixture(autouse=True)
-def _auto_dispatch(monkeypatch):
+def _auto_dispatch(kernel_mode):
     """Tests start from the default dispatch, whatever the caller's environment says."""
-    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    kernel_mode(None)
 
 
 def compiled(device: str):
@@ -246,18 +248,18 @@ BAD_CALLS = {
 
 @pytest.mark.parametrize("mode", ["compiled", "reference"])
 @pytest.mark.parametrize("case", BAD_CALLS, ids=str)
-def test_bad_input_names_the_argument(case, mode, monkeypatch):
-    monkeypatch.setenv(kernels.ENV_VAR, mode)
+def test_bad_input_names_the_argument(case, mode, kernel_mode):
+    kernel_mode(mode)
     call, message = BAD_CALLS[case]
     with pytest.raises((RuntimeError, ValueError), match=re.escape(message)):
         call()
 
 
 @pytest.mark.parametrize("case", BAD_CALLS, ids=str)
-def test_bad_input_same_message_on_every_backend(case, monkeypatch):
+def test_bad_input_same_message_on_every_backend(case, kernel_mode):
     messages = []
     for mode in ("compiled", "reference"):
-        monkeypatch.setenv(kernels.ENV_VAR, mode)
+        kernel_mode(mode)
         with pytest.raises((RuntimeError, ValueError)) as info:
             BAD_CALLS[case][0]()
         messages.append(str(info.value).splitlines()[0])
@@ -267,8 +269,8 @@ def test_bad_input_same_message_on_every_backend(case, monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["compiled", "reference"])
-def test_device_mismatch_names_the_argument(mode, monkeypatch):
-    monkeypatch.setenv(kernels.ENV_VAR, mode)
+def test_device_mismatch_names_the_argument(mode, kernel_mode):
+    kernel_mode(mode)
     x = randn(4, 576, device="cuda")
     with pytest.raises((RuntimeError, ValueError), match="rms_norm: weight must be on x's device"):
         kernels.rms_norm(x, randn(576), 1e-5)
@@ -283,16 +285,28 @@ def test_device_mismatch_names_the_argument(mode, monkeypatch):
 # Dispatch, fallback and the build machinery
 # ---------------------------------------------------------------------------
 
-def test_env_var_forces_reference_at_call_time(monkeypatch):
+def test_set_mode_switches_at_the_next_call(kernel_mode):
     x = randn(3, 64)
-    monkeypatch.setenv(kernels.ENV_VAR, "reference")
-    assert kernels.backend_for(x) == "reference"
-    monkeypatch.delenv(kernels.ENV_VAR)
+    kernel_mode("reference")
+    assert kernels.backend_for(x) == "reference" and os.environ[kernels.ENV_VAR] == "reference"
+    kernel_mode(None)
     compiled("cpu")
-    assert kernels.backend_for(x) == "cpu"
-    monkeypatch.setenv(kernels.ENV_VAR, "fast-please")
+    assert kernels.backend_for(x) == "cpu" and kernels.ENV_VAR not in os.environ
     with pytest.raises(ValueError, match=kernels.ENV_VAR):
-        kernels.backend_for(x)
+        kernel_mode("fast-please")
+    assert kernels.mode() == "auto"  # a bad value changed nothing
+
+
+@pytest.mark.parametrize("value,backend", [("reference", "reference"), ("fast-please", None)])
+def test_env_var_is_read_at_the_first_call(value, backend):
+    """A fresh process with MINIDEPLOY_KERNELS set (as a shell or a worker starts one)."""
+    code = "import torch; from minideploy import kernels; print(kernels.backend_for(torch.zeros(2, 8)))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, kernels.ENV_VAR: value})
+    if backend is None:
+        assert run.returncode != 0 and f"{kernels.ENV_VAR} must be one of" in run.stderr
+    else:
+        assert run.returncode == 0 and run.stdout.strip() == backend, run.stderr
 
 
 def test_failed_build_falls_back_with_one_warning(monkeypatch):

@@ -22,8 +22,8 @@ RTOL_Q = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture(autouse=True)
-def _compiled(monkeypatch):
-    monkeypatch.setenv(kernels.ENV_VAR, "compiled")
+def _compiled(kernel_mode):
+    kernel_mode("compiled")
 
 
 def quantized(q, k, v, bits):

@@ -82,7 +82,6 @@ def test_fake_quantize_model_touches_only_decoder_linears():
         fake_quantize_model_(random_model(config, torch.float32), 4, 128)
 
 
-
 def test_int8_rows_error_is_at_most_half_a_step():
     w = torch.randn(50, 77) * torch.rand(50, 1) * 10
     w[3] = 0.0  # a zero row: scale 0, codes 0, no division by zero
@@ -111,6 +110,41 @@ def test_quantize_lm_head_unties_it_and_keeps_the_embedding():
         error = (model.logits(hidden) - hidden @ embedding.T).abs()
     bound = hidden.abs() @ (model.lm_head.scales / 2).expand(64, -1) + 1e-4
     assert (error <= bound).all() and error.max() > 0
+
+
+def test_tiled_w4a16_linears_give_the_same_logits_and_checkpoint():
+    """tile_w4a16_linears_ (what the engine's runners call on a CPU) swaps every int4 linear
+    for the kernel's tile layout: logits bit for bit as before (prefill: dequantize + matmul,
+    decode: the GEMV), the same AutoAWQ tensors out, and a second call changes nothing."""
+    import copy
+
+    from minideploy.config import QuantConfig
+    from minideploy.models import ForwardContext, KVCache
+    from minideploy.quant import W4A16TiledLinear, quantize_model_, tile_w4a16_linears_
+    from minideploy.quant.checkpoint import awq_state_dict
+
+    config = ModelConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=16, max_position_embeddings=32)
+    rows = quantize_model_(random_model(config, torch.float32), QuantConfig(4, 32))
+    tiled = tile_w4a16_linears_(copy.deepcopy(rows))
+    assert all(isinstance(module, W4A16TiledLinear) for _, module in decoder_linears(tiled))
+    assert "tiles of" in repr(tiled.layers[0].mlp.gate_up)
+    ids = torch.randint(0, 100, (2, 10))
+
+    def logits(model):
+        cache = KVCache(config, 2, 10, torch.float32, "cpu")
+        with torch.inference_mode():
+            prompt = model(ids[:, :9], ForwardContext(torch.arange(9).expand(2, -1), 9), cache)
+            step = model(ids[:, 9:], ForwardContext(torch.full((2, 1), 9), 10), cache)
+            return model.logits(prompt), model.logits(step)
+
+    for before, after in zip(logits(rows), logits(tiled)):
+        assert torch.equal(before, after)
+    expected = awq_state_dict(rows)
+    assert all(torch.equal(t, expected[name]) for name, t in awq_state_dict(tiled).items())
+    modules = [module for _, module in decoder_linears(tiled)]
+    assert [module for _, module in decoder_linears(tile_w4a16_linears_(tiled))] == modules
+
 
 def outlier_model(heads=(4, 2)):
     """A tiny random Llama whose residual stream has a few large channels, as trained LLMs do."""

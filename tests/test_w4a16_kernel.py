@@ -44,9 +44,9 @@ def dtypes_for(device: str) -> list[torch.dtype]:
 
 
 @pytest.fixture(autouse=True)
-def _compiled(monkeypatch):
+def _compiled(kernel_mode):
     """Compiled kernels or an error: never the silent fallback to the reference."""
-    monkeypatch.setenv(kernels.ENV_VAR, "compiled")
+    kernel_mode("compiled")
 
 
 def compiled(device: str):
@@ -342,6 +342,9 @@ def test_portable_cpu_kernel_matches_reference(portable_cpu_extension, n, k, gro
             x = torch.randn(tokens, k).to(dtype)
             assert_matches(portable_cpu_extension.gemv(x, qweight, scales, zeros), x, qweight, scales,
                            zeros)
+            tiles = [reference.tile_rows(t, portable_cpu_extension.tile_rows()) for t in (qweight, scales, zeros)]
+            assert torch.equal(portable_cpu_extension.gemv_tiled(x, *tiles, n),
+                               portable_cpu_extension.gemv(x, qweight, scales, zeros))
         assert torch.equal(portable_cpu_extension.dequantize(qweight, scales, zeros),
                            reference.dequantize_w4(qweight, scales, zeros))
 
@@ -356,6 +359,108 @@ def test_cpu_gemv_property(tokens, n, groups, group_32s, dtype, seed):
     qweight, scales, zeros = random_weight(n, group * groups, group, dtype, seed=seed)
     x = torch.randn(tokens, group * groups, generator=torch.Generator().manual_seed(seed)).to(dtype)
     assert_matches(compiled("cpu").gemv(x, qweight, scales, zeros), x, qweight, scales, zeros)
+
+
+# ---------------------------------------------------------------------------
+# The CPU kernel's own layout: the same tensors in tiles of rows
+# ---------------------------------------------------------------------------
+
+def cpu_tiles(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [reference.tile_rows(t, compiled("cpu").tile_rows()) for t in tensors]
+
+
+def test_tile_rows_layout_and_inverse():
+    """qtiles[t, j, r] = qweight[t R + r, j]; rows past N zero; untile gives the tensor back."""
+    qweight, scales, _ = random_weight(21, 192, 64)
+    for rows in (8, 16):
+        tiles = reference.tile_rows(qweight, rows)
+        assert tiles.shape == (-(-21 // rows), 24, rows)
+        for n in (0, 5, 20):
+            assert torch.equal(tiles[n // rows, :, n % rows], qweight[n])
+        assert not tiles[-1, :, 21 % rows:].any()
+        assert torch.equal(reference.untile_rows(tiles, 21), qweight)
+        assert torch.equal(reference.untile_rows(reference.tile_rows(scales, rows), 21), scales)
+
+
+@pytest.mark.parametrize("n,k,group", SHAPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_cpu_tiled_linear_is_the_row_layouts_bit_for_bit(tokens, n, k, group):
+    """Same sums in the same order as the shared layout's kernel; and the reference's values.
+    Ragged N leaves a partial last tile; above 16 tokens, dequantize + matmul."""
+    for dtype in dtypes_for("cpu"):
+        qweight, scales, zeros = random_weight(n, k, group, dtype, seed=n + k + tokens)
+        x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+        out = kernels.w4a16_linear_tiled(x, *cpu_tiles(qweight, scales, zeros), n)
+        assert torch.equal(out, kernels.w4a16_linear(x, qweight, scales, zeros))
+        assert_matches(out, x, qweight, scales, zeros)
+
+
+@pytest.mark.parametrize("rows", [8, 16])
+def test_tiled_reference_takes_any_tile_width(rows, kernel_mode):
+    kernel_mode("reference")
+    qweight, scales, zeros = random_weight(19, 128, 32)
+    x = torch.randn(3, 128)
+    tiles = [reference.tile_rows(t, rows) for t in (qweight, scales, zeros)]
+    assert torch.equal(kernels.w4a16_linear_tiled(x, *tiles, 19), reference.w4a16_linear(x, qweight, scales, zeros))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_tiled_infinities_and_nans_as_in_the_reference(dtype):
+    qweight, scales, zeros = random_weight(20, 192, 64, dtype, seed=1)
+    x = torch.randn(3, 192, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x[0, -1], x[1, 7] = float("inf"), float("nan")
+    out = kernels.w4a16_linear_tiled(x, *cpu_tiles(qweight, scales, zeros), 20)
+    ref = reference_linear(x, qweight, scales, zeros).to(dtype)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    assert_matches(out[2:], x[2:], qweight, scales, zeros)
+
+
+def _tiled_call(change: dict):
+    """kernels.w4a16_linear_tiled with one argument replaced (float16, N = 20: 2 tiles of 16)."""
+    qweight, scales, zeros = random_weight(20, 96, 32, torch.float16)
+    args = dict(x=torch.randn(2, 96).half(), out_features=20,
+                **dict(zip(("qtiles", "stiles", "ztiles"), cpu_tiles(qweight, scales, zeros))))
+    args.update({name: f(args[name]) for name, f in change.items()})
+    return kernels.w4a16_linear_tiled(args["x"], args["qtiles"], args["stiles"], args["ztiles"],
+                                      args["out_features"])
+
+
+BAD_TILED_CALLS = {
+    "qtiles 2-D": (dict(qtiles=lambda t: t[0]), "qtiles must be 3-D int32 [tiles, in_features / 8, "),
+    "out_features for more tiles": (dict(out_features=lambda n: 40), "out_features=40 needs"),
+    "out_features 0": (dict(out_features=lambda n: 0), "out_features=0 needs 0 tiles"),
+    "stiles tiles": (dict(stiles=lambda t: t[:1].contiguous()), "stiles must have shape [tiles="),
+    "stiles float64": (dict(stiles=lambda t: t.double()), "stiles must be float32, float16 or bfloat16"),
+    "ztiles dtype": (dict(ztiles=lambda t: t.float()), "ztiles must have the dtype of stiles (float16)"),
+    "ztiles shape": (dict(ztiles=lambda t: t[:, :1].contiguous()), "ztiles must have the shape of stiles"),
+    "stiles non-contiguous": (dict(stiles=lambda t: t.transpose(0, 1).contiguous().transpose(0, 1)),
+                              "stiles must be contiguous"),
+    "x in_features": (dict(x=lambda x: x[:, :64]), "x must be 2-D [tokens, in_features=96]"),
+    "x dtype": (dict(x=lambda x: x.float()), "x must have the dtype of stiles (float16), got float32"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TILED_CALLS, ids=str)
+def test_cpu_tiled_bad_input_names_the_problem(case, kernel_mode):
+    """The kernel and the reference say the same thing."""
+    change, message = BAD_TILED_CALLS[case]
+    messages = []
+    for mode in ("compiled", "reference"):
+        kernel_mode(mode)
+        with pytest.raises((RuntimeError, ValueError), match=re.escape(message)) as info:
+            _tiled_call(change)
+        messages.append(str(info.value).splitlines()[0])
+    if case != "qtiles 2-D":  # the kernel also names its own tile width
+        assert messages[0] == messages[1]
+
+
+def test_cpu_tiled_gemv_wants_this_cpus_tile_width():
+    ext = compiled("cpu")
+    qweight, scales, zeros = random_weight(20, 96, 32)
+    rows = ext.tile_rows()
+    other = [reference.tile_rows(t, rows * 2) for t in (qweight, scales, zeros)]
+    with pytest.raises(RuntimeError, match=re.escape(f"(this CPU's tiles of {rows} rows)")):
+        ext.gemv_tiled(torch.randn(1, 96), *other, 20)
 
 
 # ---------------------------------------------------------------------------
@@ -441,11 +546,11 @@ def test_bad_input_names_the_problem(device, case):
 
 
 @pytest.mark.parametrize("case", BAD_CALLS, ids=str)
-def test_cpu_bad_input_reads_like_the_reference(case, monkeypatch):
+def test_cpu_bad_input_reads_like_the_reference(case, kernel_mode):
     change, _ = BAD_CALLS[case]
     messages = []
     for mode in ("compiled", "reference"):
-        monkeypatch.setenv(kernels.ENV_VAR, mode)
+        kernel_mode(mode)
         with pytest.raises((RuntimeError, ValueError)) as info:
             _call("cpu", **change)()
         messages.append(str(info.value).splitlines()[0])

@@ -5,12 +5,13 @@ is (N - 1) tokens over t(N new tokens) - t(1 new token), so prompt processing
 cancels out.
 
 CPU (default): the real default model at batch 1 through the engine's
-generator, float and then with its decoder linears in W4 (RTN g64 in memory),
-then also its LM head in int8 (one scale a row: the default model's GGUF keeps
-that matrix in 8 bits too), then W4A16 as LMDeploy runs it (the float16 model,
-same quantization, LM head float16). The five (HF included) take turns, one
-timed generation each per round, so that a drift of the machine's speed
-reaches them all alike.
+generator, float and then with its decoder linears in W4 (RTN g64 in memory,
+in the CPU kernel's tiles of rows; and, as the baseline of that layout, in the
+rows every device shares), then also its LM head in int8 (one scale a row: the
+default model's GGUF keeps that matrix in 8 bits too), then W4A16 as LMDeploy
+runs it (the float16 model, same quantization, LM head float16). The six (HF
+included) take turns, one timed generation each per round, so that a drift of
+the machine's speed reaches them all alike.
 Writes figures/decode_cpu.json.
 
 CUDA with --model-shape (e.g. llama2-7b): random fp16 weights built on the
@@ -33,6 +34,7 @@ import time
 
 import torch
 
+from .. import kernels
 from ..config import GenerationConfig, ModelConfig, QuantConfig
 from ..engine import Generator
 from ..engine.cuda_graphs import CUDAGraphDecoder
@@ -131,10 +133,17 @@ def bench_cpu(args) -> dict:
     session_len = len(ids) + args.new_tokens
     gens = {name: Generator(m.model, m.tokenizer, m.config, session_len=session_len)
             for name, m in (("native", loaded), ("w4", w4_model), ("w4_int8_head", w4_head_model), ("w4a16", half))}
+    # The W4 model in the layout every device shares: quantized after its Generator is built
+    # (a runner tiles the int4 linears it is given for the CPU kernel), so it keeps the rows.
+    rows_model = load_model(args.model, dtype=dtype, device="cpu")
+    gens["w4_rows"] = Generator(rows_model.model, rows_model.tokenizer, rows_model.config, session_len=session_len)
+    quantize_model_(rows_model.model, quant)
     rates = decode_rates({"hf": lambda n: time_hf(hf, ids, n),
                           **{name: (lambda n, g=g: time_native(g, ids, n)) for name, g in gens.items()}},
                          args.new_tokens, args.repeats)
-    hf_result, native, w4, w4_int8_head, w4a16 = (rates[k] for k in ("hf", "native", "w4", "w4_int8_head", "w4a16"))
+    hf_result, native, w4, w4_int8_head, w4a16, w4_rows = (
+        rates[k] for k in ("hf", "native", "w4", "w4_int8_head", "w4a16", "w4_rows"))
+    tile_rows = kernels.w4a16_tile_rows(torch.device("cpu"))
     result = {
         "model": str(loaded.source.path), "dtype": args.dtype, "batch_size": 1,
         "prompt_tokens": len(ids), "new_tokens": args.new_tokens,
@@ -142,9 +151,14 @@ def bench_cpu(args) -> dict:
         "hf_generate": hf_result, "native": native,
         "speedup": native["tokens_per_s"] / hf_result["tokens_per_s"],
         "same_tokens": native["tokens"] == hf_result["tokens"],
-        "native_w4": {**w4, "w_bits": quant.w_bits, "group_size": quant.group_size,
-                      "note": "decoder linears RTN-quantized in memory; embeddings and LM head float"},
+        "native_w4": {**w4, "w_bits": quant.w_bits, "group_size": quant.group_size, "tile_rows": tile_rows,
+                      "note": "decoder linears RTN-quantized in memory, in the CPU kernel's tiles of rows "
+                              "(quant.tile_w4a16_linears_); embeddings and LM head float"},
         "w4_speedup_vs_float": w4["tokens_per_s"] / native["tokens_per_s"],
+        "native_w4_row_layout": {**w4_rows, "w_bits": quant.w_bits, "group_size": quant.group_size,
+                                 "note": "as native_w4 in the layout every device shares (not tiled): "
+                                         "the kernel transposes each tile's rows in registers"},
+        "w4_tiles_speedup_vs_rows": w4["tokens_per_s"] / w4_rows["tokens_per_s"],
         "native_w4_int8_head": {**w4_int8_head, "w_bits": quant.w_bits, "group_size": quant.group_size,
                                 "note": "as native_w4, and the LM head int8 with one scale per row "
                                         "(quant.quantize_lm_head_)"},
@@ -156,10 +170,10 @@ def bench_cpu(args) -> dict:
     }
     path = write_result("decode_cpu", result, "cpu")
     bar_plot(FIGURES / "decode_cpu.png",
-             ["HF generate", "minideploy", f"minideploy W4 g{quant.group_size}",
-              f"minideploy W4 g{quant.group_size}\n+ int8 LM head",
+             ["HF generate", "minideploy", f"minideploy W4 g{quant.group_size}\n(rows, not tiled)",
+              f"minideploy W4 g{quant.group_size}", f"minideploy W4 g{quant.group_size}\n+ int8 LM head",
               f"minideploy W4A16 g{quant.group_size}\n(float16 activations)"],
-             [hf_result["tokens_per_s"], native["tokens_per_s"], w4["tokens_per_s"],
+             [hf_result["tokens_per_s"], native["tokens_per_s"], w4_rows["tokens_per_s"], w4["tokens_per_s"],
               w4_int8_head["tokens_per_s"], w4a16["tokens_per_s"]],
              "decode tokens/s (bs 1)",
              f"{loaded.config.num_layers}-layer default model, {args.dtype} activations, CPU: "
@@ -167,7 +181,8 @@ def bench_cpu(args) -> dict:
              f"W4A16 {result['w4a16_speedup_vs_float']:.2f}x float")
     print(f"HF generate {hf_result['tokens_per_s']:.1f} tok/s | minideploy "
           f"{native['tokens_per_s']:.1f} tok/s | speedup {result['speedup']:.2f}x | "
-          f"same greedy tokens: {result['same_tokens']} | W4 {w4['tokens_per_s']:.1f} tok/s | "
+          f"same greedy tokens: {result['same_tokens']} | W4 rows {w4_rows['tokens_per_s']:.1f}, "
+          f"tiles {w4['tokens_per_s']:.1f} tok/s | "
           f"W4 + int8 LM head {w4_int8_head['tokens_per_s']:.1f} tok/s | "
           f"W4A16 (float16 activations) {w4a16['tokens_per_s']:.1f} tok/s -> {path}")
     return result

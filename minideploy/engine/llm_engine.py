@@ -26,6 +26,7 @@ from ..cache.block_manager import BlockManager
 from ..cache.kv_cache import PagedKVCache, key_calibration_windows, mean_keys, num_blocks_for
 from ..config import EngineConfig, GenerationConfig
 from ..models import LlamaModel, LoadedModel
+from ..quant import tile_w4a16_linears_
 from .cuda_graphs import DecodeGraphs
 from .model_runner import ModelRunner, graph_buckets
 from .request import new_request
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, loaded: LoadedModel, engine_config: EngineConfig, session_timeout_s: float = 3600.0):
         model = loaded.model
+        if isinstance(model, LlamaModel):  # tensor parallel: each rank tiles its own
+            tile_w4a16_linears_(model)  # int4 linears on a CPU: into the kernel's layout
         self.tokenizer, self.engine_config = loaded.tokenizer, engine_config
         self.config = model.config  # with tensor parallelism: this rank's share of the heads
         self.vocab_config = loaded.config

@@ -5,8 +5,8 @@
     otherwise, or if the build fails -> the PyTorch reference (kernels/reference.py),
                                         with one warning saying why
 
-The environment variable MINIDEPLOY_KERNELS, read at every call (a notebook
-can flip it between cells), chooses:
+The environment variable MINIDEPLOY_KERNELS, read at the first kernel call, chooses
+(`set_mode` switches it later: a notebook cell, a test):
     unset / "auto"  the dispatch above
     "reference"     always the PyTorch reference
     "compiled"      the compiled kernels, raising KernelBuildError if they don't build
@@ -27,8 +27,8 @@ from minideploy.kernels import build, reference
 from minideploy.kernels.build import KernelBuildError, cuda_arch, load, try_load
 
 __all__ = ["rms_norm", "add_rms_norm", "rope", "linear", "int8_linear", "w4a16_linear", "w4a16_silu_and_mul",
-           "dequantize_w4", "store_kv",
-           "decode_attention", "decode_attention_fits", "quantize_kv", "dequantize_kv", "silu_and_mul", "backend_for", "KernelBuildError", "reference"]
+           "w4a16_linear_tiled", "w4a16_tile_rows", "dequantize_w4", "store_kv",
+           "decode_attention", "decode_attention_fits", "quantize_kv", "dequantize_kv", "silu_and_mul", "backend_for", "mode", "set_mode", "KernelBuildError", "reference"]
 
 ENV_VAR = "MINIDEPLOY_KERNELS"
 MODES = ("auto", "reference", "compiled")
@@ -58,19 +58,44 @@ ATTENTION = "attention"  # store_kv and decode_attention
 ACTIVATION = "activation"  # silu_and_mul
 
 
-def _mode() -> str:
-    mode = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
-    if mode not in MODES:
-        raise ValueError(f"{ENV_VAR} must be one of {', '.join(MODES)} (or unset), got {mode!r}")
-    return mode
+_mode: Optional[str] = None  # MINIDEPLOY_KERNELS once read (None: not yet)
+
+
+def _parse_mode(value: Optional[str]) -> str:
+    parsed = (value or "").strip().lower() or "auto"
+    if parsed not in MODES:
+        raise ValueError(f"{ENV_VAR} must be one of {', '.join(MODES)} (or unset), got {parsed!r}")
+    return parsed
+
+
+def mode() -> str:
+    """"auto", "reference" or "compiled": MINIDEPLOY_KERNELS, read at the first call.
+
+    Not at every call: a CPU decode step makes ~300 kernel calls, and reading the
+    environment each time (~1 us) cost 5% of it."""
+    global _mode
+    if _mode is None:
+        _mode = _parse_mode(os.environ.get(ENV_VAR))
+    return _mode
+
+
+def set_mode(value: Optional[str]) -> None:
+    """Use `value`'s kernels from the next call on (None: "auto"). Sets MINIDEPLOY_KERNELS
+    too, so that processes started afterwards (tensor-parallel workers) follow."""
+    global _mode
+    _mode = _parse_mode(value)  # a bad value changes nothing
+    if value is None:
+        os.environ.pop(ENV_VAR, None)
+    else:
+        os.environ[ENV_VAR] = value
 
 
 def _extension(name: str, device: torch.device) -> Optional[ModuleType]:
     """The compiled extension for `device`, or None when the reference must be used.
 
-    Remembered per (environment variable, extension, device): a decode step makes a few
-    hundred kernel calls, and resolving each one anew cost ~3 us of a ~20 ms CPU step."""
-    key = (os.environ.get(ENV_VAR), name, device)
+    Remembered per (mode, extension, device): a decode step makes a few hundred kernel
+    calls, and resolving each one anew cost ~3 us of a ~20 ms CPU step."""
+    key = (mode(), name, device)
     if key in build.resolved:
         return build.resolved[key]
     ext = _resolve(name, device)
@@ -80,13 +105,12 @@ def _extension(name: str, device: torch.device) -> Optional[ModuleType]:
 
 
 def _resolve(name: str, device: torch.device) -> Optional[ModuleType]:
-    mode = _mode()
-    if mode == "reference" or device.type not in ("cpu", "cuda"):
+    if mode() == "reference" or device.type not in ("cpu", "cuda"):
         return None
     arch = None
     if device.type == "cuda":
         arch = cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
-    if mode == "compiled":
+    if mode() == "compiled":
         return load(name, device.type, arch)
     return try_load(name, device.type, arch)
 
@@ -205,6 +229,27 @@ def _w4a16_gemv(ext: ModuleType, x: torch.Tensor, *weight: torch.Tensor, **gated
     if x.shape[0] <= W4A16_GEMV_MAX_TOKENS:  # no split: ~4 us a call, ~0.5 ms of a CPU decode step
         return ext.gemv(x, *weight, **gated)
     return torch.cat([ext.gemv(part, *weight, **gated) for part in x.split(W4A16_GEMV_MAX_TOKENS)])
+
+
+def w4a16_tile_rows(device: torch.device) -> Optional[int]:
+    """Rows per tile of the W4A16 GEMV over tiles (`reference.tile_rows`) on `device`: the
+    CPU kernel's vector width (16 with AVX-512, else 8); None elsewhere or without it."""
+    ext = _extension(W4A16, device) if device.type == "cpu" else None
+    return None if ext is None else ext.tile_rows()
+
+
+def w4a16_linear_tiled(x: torch.Tensor, qtiles: torch.Tensor, stiles: torch.Tensor, ztiles: torch.Tensor,
+                       out_features: int) -> torch.Tensor:
+    """`w4a16_linear` of a weight in the CPU kernel's tiles of rows: up to
+    W4A16_GEMV_MAX_TOKENS tokens the GEMV reads the tiles; more dequantize and matmul."""
+    ext = _extension(W4A16, x.device) if x.device.type == "cpu" else None
+    if ext is None:
+        return reference.w4a16_linear_tiled(x, qtiles, stiles, ztiles, out_features)
+    if x.dim() == 2 and x.shape[0] <= W4A16_GEMV_MAX_TOKENS:
+        return ext.gemv_tiled(x.contiguous(), qtiles, stiles, ztiles, out_features)  # checks its inputs
+    reference.check_w4a16_tiled_args("w4a16_linear_tiled", qtiles, stiles, ztiles, out_features, x)
+    weight = (reference.untile_rows(t, out_features) for t in (qtiles, stiles, ztiles))
+    return torch.nn.functional.linear(x, ext.dequantize(*weight))
 
 
 def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:

@@ -256,7 +256,7 @@ def try_load(name: str, device_type: str, arch: Optional[str] = None) -> Optiona
         return None
 
 
-# kernels._extension's answers: (MINIDEPLOY_KERNELS value, extension, device) -> module or None.
+# kernels._extension's answers: (kernels.mode(), extension, device) -> module or None.
 resolved: dict = {}
 
 

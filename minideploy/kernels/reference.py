@@ -226,6 +226,62 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return torch.nn.functional.linear(x, dequantize_w4(qweight, scales, zeros))
 
 
+# --- W4A16 on the CPU: the same tensors in tiles of rows ------------------------------
+#
+# The CPU kernel's vector lanes are R adjacent rows (R = 16 with AVX-512, else 8: its
+# `tile_rows()`), so it wants word j of R rows at once. In the layout above those are R
+# separate loads and a transpose in registers; rearranged once into tiles they are one:
+#     qtiles [ceil(N / R), K / 8, R]       qtiles[t, j, r] = qweight[t * R + r, j]
+#     stiles, ztiles [ceil(N / R), K / g, R]   likewise from scales and zeros
+# Rows past N are zero (computed, never written out).
+
+def tile_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """[N, C] → [ceil(N / rows), C, rows]: the rows of each tile interleaved, zero-padded."""
+    padded = torch.cat([t, t.new_zeros(-t.shape[0] % rows, t.shape[1])])
+    return padded.view(-1, rows, t.shape[1]).transpose(1, 2).contiguous()
+
+
+def untile_rows(tiles: torch.Tensor, n: int) -> torch.Tensor:
+    """`tile_rows`' inverse: [tiles, C, rows] → the first n rows [n, C]."""
+    return tiles.transpose(1, 2).reshape(-1, tiles.shape[1])[:n].contiguous()
+
+
+def check_w4a16_tiled_args(op: str, qtiles: torch.Tensor, stiles: torch.Tensor, ztiles: torch.Tensor,
+                           n: int, x: torch.Tensor) -> None:
+    """The checks of `check_w4a16_args`, on tiles of any width (the CPU kernel: its own)."""
+    if qtiles.dtype != torch.int32 or qtiles.dim() != 3:
+        _fail(f"{op}: qtiles must be 3-D int32 [tiles, in_features / 8, rows], "
+              f"got {dtype_name(qtiles.dtype)} {_shape(qtiles)}")
+    tiles, k, rows = qtiles.shape[0], qtiles.shape[1] * 8, qtiles.shape[2]
+    if n <= 0 or -(-n // rows) != tiles:
+        _fail(f"{op}: out_features={n} needs {-(-max(n, 0) // rows)} tiles of {rows} rows, qtiles has {tiles}")
+    _check_float(op, "stiles", stiles)
+    if (stiles.dim() != 3 or stiles.shape[0] != tiles or stiles.shape[2] != rows or stiles.shape[1] == 0
+            or k % stiles.shape[1]):
+        _fail(f"{op}: stiles must have shape [tiles={tiles}, groups, {rows}] with groups dividing "
+              f"in_features={k}, got {_shape(stiles)}")
+    group = k // stiles.shape[1]
+    if group % W4_GROUP_MULTIPLE:
+        _fail(f"{op}: group size {group} (in_features {k} / {stiles.shape[1]} groups) must be a "
+              f"multiple of {W4_GROUP_MULTIPLE}")
+    _check_like(op, "ztiles", ztiles, "stiles", stiles)
+    if ztiles.shape != stiles.shape:
+        _fail(f"{op}: ztiles must have the shape of stiles {_shape(stiles)}, got {_shape(ztiles)}")
+    for arg, t in (("qtiles", qtiles), ("stiles", stiles), ("ztiles", ztiles)):
+        _check_contiguous(op, arg, t)
+    _check_like(op, "x", x, "stiles", stiles)
+    if x.dim() != 2 or x.shape[1] != k:
+        _fail(f"{op}: x must be 2-D [tokens, in_features={k}], got shape {_shape(x)}")
+    _check_contiguous(op, "x", x)
+
+
+def w4a16_linear_tiled(x: torch.Tensor, qtiles: torch.Tensor, stiles: torch.Tensor, ztiles: torch.Tensor,
+                       n: int) -> torch.Tensor:
+    """`w4a16_linear` of the weight whose first n rows the tiles hold."""
+    check_w4a16_tiled_args("w4a16_linear_tiled", qtiles, stiles, ztiles, n, x)
+    return w4a16_linear(x, untile_rows(qtiles, n), untile_rows(stiles, n), untile_rows(ztiles, n))
+
+
 # --- int8 linear (the LM head in int8) -----------------------------------------------
 #
 # qweight [N, K] int8, scales [N] float32: w[n, k] = qweight[n, k] * scales[n]

@@ -6,14 +6,16 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from ..config import QuantConfig
-from .linear import Int8Linear, W4A16Linear
+from .. import kernels
+from .linear import Int8Linear, W4A16Linear, W4A16TiledLinear
 from .rtn import check_group_size, dequantize, fake_quantize, quantize
 
 if TYPE_CHECKING:  # models import this package (W4A16Linear): no import back at run time
     from ..models.llama import LlamaModel
 
-__all__ = ["Int8Linear", "QuantConfig", "W4A16Linear", "check_group_size", "decoder_linears", "dequantize",
-           "fake_quantize", "fake_quantize_model_", "quantize", "quantize_lm_head_", "quantize_model_", "use_w4a16_linears_"]
+__all__ = ["Int8Linear", "QuantConfig", "W4A16Linear", "W4A16TiledLinear", "check_group_size", "decoder_linears",
+           "dequantize", "fake_quantize", "fake_quantize_model_", "quantize", "quantize_lm_head_", "quantize_model_",
+           "tile_w4a16_linears_", "use_w4a16_linears_"]
 
 
 def decoder_linears(model: LlamaModel) -> Iterator[tuple[str, torch.nn.Module]]:
@@ -69,6 +71,20 @@ def use_w4a16_linears_(model: LlamaModel, quant: QuantConfig) -> LlamaModel:
         with torch.device(device):
             _replace(model, name, W4A16Linear(module.in_features, module.out_features,
                                               quant.w_bits, quant.group_size, name))
+    return model
+
+
+@torch.no_grad()
+def tile_w4a16_linears_(model: LlamaModel) -> LlamaModel:
+    """On a CPU, swap every W4A16Linear for a W4A16TiledLinear (the CPU kernel's tiles of
+    rows: the same outputs, faster), in place; elsewhere, or without the CPU kernel, nothing.
+
+    The engine's runners call it on the model they run."""
+    linears = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, W4A16Linear) and module.qweight.device.type == "cpu"]
+    rows = kernels.w4a16_tile_rows(torch.device("cpu")) if linears else None  # builds the kernel
+    for name, module in linears if rows is not None else ():
+        _replace(model, name, W4A16TiledLinear(module, rows))
     return model
 
 

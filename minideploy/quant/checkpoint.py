@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..config import QuantConfig
-from .linear import W4A16Linear, awq_tensors
+from .linear import W4A16Linear, W4A16TiledLinear, awq_tensors
 
 CHECKPOINT_FILE = "model.safetensors"
 
@@ -39,7 +39,7 @@ def awq_state_dict(model) -> dict[str, torch.Tensor]:
                 (layer.attn.o, ("self_attn.o_proj",), [c.hidden_size]),
                 (layer.mlp.gate_up, ("mlp.gate_proj", "mlp.up_proj"), [c.intermediate_size] * 2),
                 (layer.mlp.down, ("mlp.down_proj",), [c.hidden_size])):
-            if not isinstance(module, W4A16Linear):
+            if not isinstance(module, (W4A16Linear, W4A16TiledLinear)):
                 raise TypeError(f"{p}{parts[0]}: not quantized (run quant.quantize_model_ first)")
             for part, tensors in zip(parts, awq_tensors(module, rows)):
                 state.update({f"{p}{part}.{name}": t.cpu() for name, t in tensors.items()})

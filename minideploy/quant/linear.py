@@ -65,6 +65,46 @@ class W4A16Linear(nn.Module):
                 f"w_bits={self.w_bits}, group_size={self.group_size}")
 
 
+class W4A16TiledLinear(nn.Module):
+    """A W4A16Linear's tensors rearranged for the CPU kernel: tiles of R rows (its vector
+    width, 16 with AVX-512) with word j of the R rows adjacent (`reference.tile_rows`).
+
+    The kernel's lanes are rows, so in the shared layout it loads R rows separately and
+    transposes them in registers; in tiles a vector is one load. Same sums in the same
+    order, 1.3-1.7x faster on the default model's shapes. R depends on the machine, so
+    this is a runtime layout, made where the model runs (`quant.tile_w4a16_linears_`,
+    called by the engine's runners, as TurboMind converts weights for its kernels at
+    load); checkpoints keep the shared layout (`quantized()` gives it back)."""
+
+    def __init__(self, linear: W4A16Linear, rows: int):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.w_bits, self.group_size, self.rows = linear.w_bits, linear.group_size, rows
+        tile = kernels.reference.tile_rows
+        self.register_buffer("qtiles", tile(linear.qweight, rows))
+        self.register_buffer("stiles", tile(linear.scales, rows))
+        self.register_buffer("ztiles", tile(linear.zeros, rows))
+
+    def untiled(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(qweight, scales, zeros) in the shared layout."""
+        untile = kernels.reference.untile_rows
+        return tuple(untile(t, self.out_features) for t in (self.qtiles, self.stiles, self.ztiles))
+
+    def quantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As W4A16Linear.quantized: what `to_awq` packs."""
+        qweight, scales, zeros = self.untiled()
+        return unpack_int4(qweight), scales.float(), zeros.round().to(torch.uint8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.w4a16_linear_tiled(x, self.qtiles, self.stiles, self.ztiles, self.out_features)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.silu_and_mul(self(x))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"w_bits={self.w_bits}, group_size={self.group_size}, tiles of {self.rows} rows")
+
 
 class Int8Linear(nn.Module):
     """y = x · (scales ⊙ qweight)ᵀ: int8 weights, one float32 scale per output row.
@@ -95,7 +135,8 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per row"
 
-def awq_tensors(module: W4A16Linear, rows: list[int]) -> list[dict[str, torch.Tensor]]:
+
+def awq_tensors(module: W4A16Linear | W4A16TiledLinear, rows: list[int]) -> list[dict[str, torch.Tensor]]:
     """Split a fused module's rows (e.g. q|k|v) into AutoAWQ GEMM tensors, one dict per part."""
     q, scales, zeros = module.quantized()
     return [to_awq(*parts) for parts in zip(q.split(rows), scales.split(rows), zeros.split(rows))]
