@@ -35,6 +35,26 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(out_features, in_featur
     assert torch.equal(together[5:9], kernels.linear(x[5:9], w))
 
 
+@pytest.fixture(scope="module")
+def portable_cpu_extension(portable_isa, portable_cpu_build):
+    """The kernel built for a smaller instruction set (conftest.PORTABLE_BUILDS): 8-lane sums."""
+    return portable_cpu_build(kernels.LINEAR, portable_isa)
+
+
+@pytest.mark.parametrize("tokens,out_features,in_features", [(1, 960, 576), (3, 77, 33), (16, 7, 1000)])
+def test_portable_cpu_kernel_matches_reference(portable_cpu_extension, tokens, out_features, in_features):
+    x = torch.randn(tokens, in_features)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        w = torch.randn(out_features, in_features).to(dtype)
+        ref = F.linear(x.to(dtype).double(), w.double())
+        out = portable_cpu_extension.linear(x.to(dtype), w)
+        assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[dtype]
+    q, scales = random_int8_weight(out_features, in_features)
+    exact = F.linear(x.double(), q.double() * scales.double()[:, None])
+    out = portable_cpu_extension.linear_int8(x, q, scales)
+    assert ((out.double() - exact).norm() / exact.norm()).item() < TOL[torch.float32]
+
+
 def test_non_contiguous_activations_are_accepted():
     hidden = torch.randn(2, 5, 64)
     w = torch.randn(10, 64)

@@ -313,25 +313,10 @@ def test_empty_inputs():
     assert kernels.w4a16_linear(torch.randn(0, 64), qweight, scales, zeros).shape == (0, 5)
 
 
-# Instruction sets the CPU kernel is also built for, below what this machine may have:
-# AVX2 without AVX-512 (8-lane tiles), and plain code (no AVX, no FMA), what non-x86
-# machines run. Flags after -march=native switch its extensions off.
-PORTABLE_BUILDS = {"avx2": ["-mno-avx512f"], "plain": ["-mno-avx", "-mno-fma"]}
-
-
-@pytest.fixture(scope="module", params=sorted(PORTABLE_BUILDS))
-def portable_cpu_extension(request):
-    """The CPU kernel built for a smaller instruction set, as `build` builds the real one
-    plus those flags. Compiled once per source version (about a minute each)."""
-    from torch.utils import cpp_extension
-
-    source = build.CSRC / "cpu" / "w4a16.cpp"
-    flags = build._flags("cpu", None)
-    flags["extra_cflags"] += PORTABLE_BUILDS[request.param]
-    name = f"minideploy_w4a16_{request.param}_{build.build_key([source], 'cpu', None, flags)}"
-    directory = build.cache_root() / name
-    directory.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(name=name, sources=[str(source)], build_directory=str(directory), **flags)
+@pytest.fixture(scope="module")
+def portable_cpu_extension(portable_isa, portable_cpu_build):
+    """The CPU kernel built for a smaller instruction set (conftest.PORTABLE_BUILDS)."""
+    return portable_cpu_build(kernels.W4A16, portable_isa)
 
 
 @pytest.mark.parametrize("n,k,group", SHAPES)

@@ -52,7 +52,7 @@
 #include <string>
 #include <vector>
 
-#include "vec8.h"
+#include "simd.h"
 
 namespace {
 
@@ -150,20 +150,18 @@ void check_args(const char* op, const at::Tensor& qweight, const at::Tensor& sca
 // order and scale in which nibble i of word j comes out of `nibble` below.
 // ---------------------------------------------------------------------------
 
-// A vector's lanes are a tile's rows: 16 with AVX-512, else 8 (AVX2 or plain code;
-// 16 lanes as two AVX2 registers ran 12x slower: gcc spilled and shuffled through
-// memory). load_quad transposes the 4 words of each row into the lanes.
+// A vector's lanes are a tile's rows: simd.h's widest, 16 with AVX-512, else 8
+// (AVX2 or plain code; 16 lanes as two AVX2 registers ran 12x slower: gcc spilled
+// and shuffled through memory). load_quad transposes the 4 words of each row into
+// the lanes.
+using simd::floatv;
+using simd::fmav;
+using simd::splatv;
+constexpr int kTile = simd::kLanes;
+typedef uint32_t uint32x4 __attribute__((vector_size(16)));
 #if defined(__AVX512F__)
-constexpr int kTile = 16;
-typedef float floatv __attribute__((vector_size(64)));
 typedef int32_t int32v __attribute__((vector_size(64)));
 typedef uint32_t uint32v __attribute__((vector_size(64)));
-typedef uint32_t uint32x4 __attribute__((vector_size(16)));
-
-inline floatv splatv(float x) { return floatv{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
-inline floatv fmav(floatv a, floatv b, floatv c) {  // a * b + c, one rounding
-  return (floatv)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-}
 
 // Words w0 .. w0+3 of the tile's rows -> v[w][r] = word w0 + w of row r.
 inline void load_quad(const uint32_t* const (&rows)[kTile], int64_t w0, uint32v (&v)[kQuad]) {
@@ -190,14 +188,8 @@ inline void load_quad(const uint32_t* const (&rows)[kTile], int64_t w0, uint32v 
   v[3] = __builtin_shufflevector(t1, t3, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
 }
 #else
-constexpr int kTile = 8;
-typedef vec8::float8 floatv;
 typedef vec8::int32x8 int32v;
 typedef uint32_t uint32v __attribute__((vector_size(32)));
-typedef uint32_t uint32x4 __attribute__((vector_size(16)));
-
-inline floatv splatv(float x) { return vec8::splat8(x); }
-inline floatv fmav(floatv a, floatv b, floatv c) { return vec8::fma8(a, b, c); }
 
 // Words w0 .. w0+3 of the tile's rows -> v[w][r] = word w0 + w of row r.
 inline void load_quad(const uint32_t* const (&rows)[kTile], int64_t w0, uint32v (&v)[kQuad]) {
