@@ -270,7 +270,7 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--append: figures/serving_{tag}.json holds another workload or device "
                              f"({old['device']}); run without --append")
         result.update(engine=old["engine"], hf_static=old["hf_static"], parts=old.get("parts", []),
-                      engine_kv=old.get("engine_kv", {}))
+                      engine_kv=old.get("engine_kv", {}), engine_w4=old.get("engine_w4", {}))
     result.setdefault("parts", []).append({k: v for k, v in provenance(device).items()
                                            if k in ("date", "commit", "command")})
 
@@ -327,7 +327,9 @@ def main(argv=None) -> dict:
     if args.w4 and not cuda:
         quantize_model_(loaded.model, QuantConfig(4, 64))  # RTN in memory: speed does not depend on scales
         w4 = {"weights": "int4", "group_size": 64, "keep_fmt": "fp32"}
-        result["engine_w4"] = {"minideploy W4 g64": sweep("minideploy W4 g64", engine_config, w4)}
+        engine_w4 = result.setdefault("engine_w4", {})
+        label = "minideploy W4 g64"
+        engine_w4[label] = merge_runs(engine_w4.get(label, []), sweep(label, engine_config, w4), "max_batch_size")
     path = write_result(f"serving_{tag}", result, device)
     plot({**result, "hf_static": done_hf, "device": device_name(device)}, FIGURES / f"serving_{tag}.png")
     print(f"-> {path}")
