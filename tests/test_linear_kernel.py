@@ -24,7 +24,7 @@ def test_linear_matches_reference(dtype, tokens, out_features, in_features):
 
 @pytest.mark.parametrize("out_features,in_features", [(77, 33), (129, 1000), (960, 576), (2, 9)])
 def test_a_rows_result_does_not_depend_on_the_other_rows(out_features, in_features):
-    """Weight rows 3 and activation rows 4 at a time, ragged tails included: every sum runs
+    """Weight rows 3 and activation rows 4 or 8 at a time, ragged tails included: every sum runs
     over k in the same order, so row i of a 13-token step equals that token alone, bit for bit
     (a decode step gives each sequence the logits it would get by itself)."""
     x = torch.randn(13, in_features)

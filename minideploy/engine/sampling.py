@@ -51,7 +51,8 @@ def sample(logits: torch.Tensor, states: list[SamplingState], token_ids: list[li
 
     token_ids[b] holds prompt + output so far (for the repetition penalty).
     """
-    logits = logits.clone()
+    if any(s.config.repetition_penalty != 1.0 or s.config.min_new_tokens for s in states):
+        logits = logits.clone()  # penalties and masks write into it: the caller's stays as it was
     sampled_rows = []
     for b, state in enumerate(states):
         cfg = state.config

@@ -11,9 +11,10 @@
 // bandwidth a plain sum reaches. Here each thread walks its own block of weight
 // rows exactly once, front to back (the hardware prefetcher's best case), and
 // dots each row with all M activation rows while the row is in L1.
-// kRows = 3 weight rows and kTile = 4 activation rows per pass: 12 independent
-// vector sums. Each sum is a chain of dependent FMAs (4-5 cycles each), so a core
-// needs about ten chains in flight to keep its two vector pipes busy.
+// kRows = 3 weight rows and kTile = 4 activation rows per pass (8 with AVX-512's 32
+// registers: 8-32 tokens 10-40% faster than 4): 12 (24) independent vector sums.
+// Each sum is a chain of dependent FMAs (4-5 cycles each), so a core needs about
+// ten chains in flight to keep its two vector pipes busy.
 // Version 4 (this one) accumulates with fused multiply-adds and sums each
 // vector's lanes by a fixed halving tree. Version 3 (same tiles, a multiply then
 // an add, lanes summed one by one): the compiler had no register left for the
@@ -46,8 +47,10 @@ namespace {
 
 using namespace simd;
 
-constexpr int kTile = 4;  // activation rows per pass over the weight rows
-constexpr int kRows = 3;  // weight rows per pass: kRows x kTile = 12 independent sums
+// Activation rows per pass over the weight rows: kRows x kTile sums in registers, beside
+// kRows weight vectors and one activation vector (AVX-512 has 32 registers, AVX2 16).
+constexpr int kTile = simd::kLanes == 16 ? 8 : 4;
+constexpr int kRows = 3;  // weight rows per pass
 // Rows per parallel task: a few KB of weights, enough to amortise scheduling.
 constexpr int64_t kRowsPerTask = 36;
 
@@ -102,6 +105,10 @@ inline void row_block(const scalar_t* x, const weight_t* w, const float* scale, 
   const scalar_t* xm = x + m * k_size;
   scalar_t* om = out + m * n_size;
   switch (m_size - m) {
+    case 7: dot_tile<R, 7>(xm, w, scale, k_size, om, n_size, m == 0); break;
+    case 6: dot_tile<R, 6>(xm, w, scale, k_size, om, n_size, m == 0); break;
+    case 5: dot_tile<R, 5>(xm, w, scale, k_size, om, n_size, m == 0); break;
+    case 4: dot_tile<R, 4>(xm, w, scale, k_size, om, n_size, m == 0); break;
     case 3: dot_tile<R, 3>(xm, w, scale, k_size, om, n_size, m == 0); break;
     case 2: dot_tile<R, 2>(xm, w, scale, k_size, om, n_size, m == 0); break;
     case 1: dot_tile<R, 1>(xm, w, scale, k_size, om, n_size, m == 0); break;
