@@ -173,32 +173,42 @@ W4_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 W4_GROUP_MULTIPLE = 32
 
 
+def _check_groups_and_x(op: str, names: tuple[str, str, str], packed: torch.Tensor, scales: torch.Tensor,
+                        zeros: torch.Tensor, k: int, shape_ok: bool, want: str, x: torch.Tensor | None) -> None:
+    """The checks both W4 layouts share, with their argument names: scales and zeros of groups
+    along in_features = k (shape_ok: scales has the layout's shape `want`), the three tensors
+    contiguous on one device, then x [tokens, k] if given."""
+    packed_arg, scales_arg, zeros_arg = names
+    _check_float(op, scales_arg, scales)
+    groups = scales.shape[1] if scales.dim() >= 2 else 0
+    if not shape_ok or groups == 0 or k % groups:
+        _fail(f"{op}: {scales_arg} must have shape {want} with groups dividing in_features={k}, "
+              f"got {_shape(scales)}")
+    if (k // groups) % W4_GROUP_MULTIPLE:
+        _fail(f"{op}: group size {k // groups} (in_features {k} / {groups} groups) must be a "
+              f"multiple of {W4_GROUP_MULTIPLE}")
+    _check_like(op, zeros_arg, zeros, scales_arg, scales)
+    if zeros.shape != scales.shape:
+        _fail(f"{op}: {zeros_arg} must have the shape of {scales_arg} {_shape(scales)}, got {_shape(zeros)}")
+    if packed.device != scales.device:
+        _fail(f"{op}: {packed_arg} must be on {scales_arg}' device {scales.device}, got {packed.device}")
+    for arg, t in zip(names, (packed, scales, zeros)):
+        _check_contiguous(op, arg, t)
+    if x is not None:
+        _check_like(op, "x", x, scales_arg, scales)
+        if x.dim() != 2 or x.shape[1] != k:
+            _fail(f"{op}: x must be 2-D [tokens, in_features={k}], got shape {_shape(x)}")
+        _check_contiguous(op, "x", x)
+
+
 def check_w4a16_args(op: str, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                      x: torch.Tensor | None = None) -> None:
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
         _fail(f"{op}: qweight must be 2-D int32 [out_features, in_features / 8], "
               f"got {dtype_name(qweight.dtype)} {_shape(qweight)}")
     n, k = qweight.shape[0], qweight.shape[1] * 8
-    _check_float(op, "scales", scales)
-    if scales.dim() != 2 or scales.shape[0] != n or scales.shape[1] == 0 or k % scales.shape[1]:
-        _fail(f"{op}: scales must have shape [out_features={n}, groups] with groups dividing "
-              f"in_features={k}, got {_shape(scales)}")
-    group = k // scales.shape[1]
-    if group % W4_GROUP_MULTIPLE:
-        _fail(f"{op}: group size {group} (in_features {k} / {scales.shape[1]} groups) must be a "
-              f"multiple of {W4_GROUP_MULTIPLE}")
-    _check_like(op, "zeros", zeros, "scales", scales)
-    if zeros.shape != scales.shape:
-        _fail(f"{op}: zeros must have the shape of scales {_shape(scales)}, got {_shape(zeros)}")
-    if qweight.device != scales.device:
-        _fail(f"{op}: qweight must be on scales' device {scales.device}, got {qweight.device}")
-    for arg, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
-        _check_contiguous(op, arg, t)
-    if x is not None:
-        _check_like(op, "x", x, "scales", scales)
-        if x.dim() != 2 or x.shape[1] != k:
-            _fail(f"{op}: x must be 2-D [tokens, in_features={k}], got shape {_shape(x)}")
-        _check_contiguous(op, "x", x)
+    _check_groups_and_x(op, ("qweight", "scales", "zeros"), qweight, scales, zeros, k,
+                        scales.dim() == 2 and scales.shape[0] == n, f"[out_features={n}, groups]", x)
 
 
 def unpack_w4(qweight: torch.Tensor) -> torch.Tensor:
@@ -255,24 +265,9 @@ def check_w4a16_tiled_args(op: str, qtiles: torch.Tensor, stiles: torch.Tensor, 
     tiles, k, rows = qtiles.shape[0], qtiles.shape[1] * 8, qtiles.shape[2]
     if n <= 0 or -(-n // rows) != tiles:
         _fail(f"{op}: out_features={n} needs {-(-max(n, 0) // rows)} tiles of {rows} rows, qtiles has {tiles}")
-    _check_float(op, "stiles", stiles)
-    if (stiles.dim() != 3 or stiles.shape[0] != tiles or stiles.shape[2] != rows or stiles.shape[1] == 0
-            or k % stiles.shape[1]):
-        _fail(f"{op}: stiles must have shape [tiles={tiles}, groups, {rows}] with groups dividing "
-              f"in_features={k}, got {_shape(stiles)}")
-    group = k // stiles.shape[1]
-    if group % W4_GROUP_MULTIPLE:
-        _fail(f"{op}: group size {group} (in_features {k} / {stiles.shape[1]} groups) must be a "
-              f"multiple of {W4_GROUP_MULTIPLE}")
-    _check_like(op, "ztiles", ztiles, "stiles", stiles)
-    if ztiles.shape != stiles.shape:
-        _fail(f"{op}: ztiles must have the shape of stiles {_shape(stiles)}, got {_shape(ztiles)}")
-    for arg, t in (("qtiles", qtiles), ("stiles", stiles), ("ztiles", ztiles)):
-        _check_contiguous(op, arg, t)
-    _check_like(op, "x", x, "stiles", stiles)
-    if x.dim() != 2 or x.shape[1] != k:
-        _fail(f"{op}: x must be 2-D [tokens, in_features={k}], got shape {_shape(x)}")
-    _check_contiguous(op, "x", x)
+    _check_groups_and_x(op, ("qtiles", "stiles", "ztiles"), qtiles, stiles, ztiles, k,
+                        stiles.dim() == 3 and stiles.shape[0] == tiles and stiles.shape[2] == rows,
+                        f"[tiles={tiles}, groups, {rows}]", x)
 
 
 def w4a16_linear_tiled(x: torch.Tensor, qtiles: torch.Tensor, stiles: torch.Tensor, ztiles: torch.Tensor,

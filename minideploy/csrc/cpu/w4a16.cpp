@@ -114,34 +114,44 @@ void check_cpu_contiguous(const char* op, const char* arg, const at::Tensor& t) 
   TORCH_CHECK(t.is_contiguous(), op, ": ", arg, " must be contiguous (call .contiguous() first)");
 }
 
+// The checks both layouts share, with their argument names: scales and zeros of groups
+// along in_features = k (shape_ok: scales has the layout's shape, described by `want`),
+// then all three tensors on the CPU and contiguous, then x [tokens, k] if given.
+void check_groups_and_x(const char* op, const char* const (&names)[3], const at::Tensor& packed,
+                        const at::Tensor& scales, const at::Tensor& zeros, int64_t k, bool shape_ok,
+                        const std::string& want, const at::Tensor* x) {
+  const auto type = scales.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, op, ": ", names[1],
+              " must be float32, float16 or bfloat16, got ", dtype_name(type));
+  const int64_t groups = scales.dim() >= 2 ? scales.size(1) : 0;
+  TORCH_CHECK(shape_ok && groups > 0 && k % groups == 0, op, ": ", names[1], " must have shape ", want,
+              " with groups dividing in_features=", k, ", got ", shape(scales));
+  const int64_t group = k / groups;
+  TORCH_CHECK(group % kGroupMultiple == 0, op, ": group size ", group, " (in_features ", k, " / ",
+              groups, " groups) must be a multiple of ", kGroupMultiple);
+  check_like(op, names[2], zeros, names[1], scales);
+  TORCH_CHECK(zeros.sizes() == scales.sizes(), op, ": ", names[2], " must have the shape of ", names[1],
+              " ", shape(scales), ", got ", shape(zeros));
+  check_cpu_contiguous(op, names[0], packed);
+  check_cpu_contiguous(op, names[1], scales);
+  check_cpu_contiguous(op, names[2], zeros);
+  if (x != nullptr) {
+    check_like(op, "x", *x, names[1], scales);
+    TORCH_CHECK(x->dim() == 2 && x->size(1) == k, op, ": x must be 2-D [tokens, in_features=", k,
+                "], got shape ", shape(*x));
+    check_cpu_contiguous(op, "x", *x);
+  }
+}
+
 void check_args(const char* op, const at::Tensor& qweight, const at::Tensor& scales,
                 const at::Tensor& zeros, const at::Tensor* x) {
   TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.dim() == 2, op,
               ": qweight must be 2-D int32 [out_features, in_features / 8], got ",
               dtype_name(qweight.scalar_type()), " ", shape(qweight));
   const int64_t n = qweight.size(0), k = qweight.size(1) * kPack;
-  const auto type = scales.scalar_type();
-  TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, op,
-              ": scales must be float32, float16 or bfloat16, got ", dtype_name(type));
-  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == n && scales.size(1) > 0 &&
-                  k % scales.size(1) == 0,
-              op, ": scales must have shape [out_features=", n,
-              ", groups] with groups dividing in_features=", k, ", got ", shape(scales));
-  const int64_t group = k / scales.size(1);
-  TORCH_CHECK(group % kGroupMultiple == 0, op, ": group size ", group, " (in_features ", k, " / ",
-              scales.size(1), " groups) must be a multiple of ", kGroupMultiple);
-  check_like(op, "zeros", zeros, "scales", scales);
-  TORCH_CHECK(zeros.sizes() == scales.sizes(), op, ": zeros must have the shape of scales ",
-              shape(scales), ", got ", shape(zeros));
-  check_cpu_contiguous(op, "qweight", qweight);
-  check_cpu_contiguous(op, "scales", scales);
-  check_cpu_contiguous(op, "zeros", zeros);
-  if (x != nullptr) {
-    check_like(op, "x", *x, "scales", scales);
-    TORCH_CHECK(x->dim() == 2 && x->size(1) == k, op, ": x must be 2-D [tokens, in_features=", k,
-                "], got shape ", shape(*x));
-    check_cpu_contiguous(op, "x", *x);
-  }
+  check_groups_and_x(op, {"qweight", "scales", "zeros"}, qweight, scales, zeros, k,
+                     scales.dim() == 2 && scales.size(0) == n,
+                     "[out_features=" + std::to_string(n) + ", groups]", x);
 }
 
 // ---------------------------------------------------------------------------
@@ -222,26 +232,9 @@ void check_tiled_args(const char* op, const at::Tensor& qtiles, const at::Tensor
   const int64_t tiles = qtiles.size(0), k = qtiles.size(1) * kPack;
   TORCH_CHECK(n > 0 && (n + kTile - 1) / kTile == tiles, op, ": out_features=", n, " needs ",
               (std::max<int64_t>(n, 0) + kTile - 1) / kTile, " tiles of ", kTile, " rows, qtiles has ", tiles);
-  const auto type = stiles.scalar_type();
-  TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, op,
-              ": stiles must be float32, float16 or bfloat16, got ", dtype_name(type));
-  TORCH_CHECK(stiles.dim() == 3 && stiles.size(0) == tiles && stiles.size(2) == kTile &&
-                  stiles.size(1) > 0 && k % stiles.size(1) == 0,
-              op, ": stiles must have shape [tiles=", tiles, ", groups, ", kTile,
-              "] with groups dividing in_features=", k, ", got ", shape(stiles));
-  const int64_t group = k / stiles.size(1);
-  TORCH_CHECK(group % kGroupMultiple == 0, op, ": group size ", group, " (in_features ", k, " / ",
-              stiles.size(1), " groups) must be a multiple of ", kGroupMultiple);
-  check_like(op, "ztiles", ztiles, "stiles", stiles);
-  TORCH_CHECK(ztiles.sizes() == stiles.sizes(), op, ": ztiles must have the shape of stiles ",
-              shape(stiles), ", got ", shape(ztiles));
-  check_cpu_contiguous(op, "qtiles", qtiles);
-  check_cpu_contiguous(op, "stiles", stiles);
-  check_cpu_contiguous(op, "ztiles", ztiles);
-  check_like(op, "x", x, "stiles", stiles);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, op, ": x must be 2-D [tokens, in_features=", k,
-              "], got shape ", shape(x));
-  check_cpu_contiguous(op, "x", x);
+  check_groups_and_x(op, {"qtiles", "stiles", "ztiles"}, qtiles, stiles, ztiles, k,
+                     stiles.dim() == 3 && stiles.size(0) == tiles && stiles.size(2) == kTile,
+                     "[tiles=" + std::to_string(tiles) + ", groups, " + std::to_string(kTile) + "]", &x);
 }
 
 struct Gemv {
