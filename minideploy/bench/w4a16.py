@@ -6,6 +6,8 @@ For every shape and batch size, one run times
     16 tokens, on a GPU up to 48 in calls of 16; above, dequantize to fp16 then
     cuBLAS),
   - `torch_int4pack`: `torch._weight_int4pack_mm` (tinygemm, bf16) where torch has it,
+  - `w4a16_tiles` (CPU): the same kernel over the weight rearranged into the CPU
+    kernel's tiles of rows (`reference.tile_rows`), the layout the engine runs,
 and, for the dequantize + matmul path, the two halves separately — the answer
 to "doesn't dequantization take time?": at batch 1 the GEMV's time is what its
 bytes cost at the measured bandwidth (the unpacking hides under the loads);
@@ -72,6 +74,8 @@ def bench_shape(label, k, n, group, batches, dtype, device, repeats) -> list[dic
     w4 = Rotating(*packed)
     reference = kernels.reference.dequantize_w4(*packed)
     cuda = device.type == "cuda"
+    rows = None if cuda else kernels.w4a16_tile_rows(device)
+    tiles = Rotating(*(kernels.reference.tile_rows(t, rows) for t in packed)) if rows else None
     tinygemm = None
     if cuda and hasattr(torch, "_weight_int4pack_mm"):
         try:
@@ -82,10 +86,14 @@ def bench_shape(label, k, n, group, batches, dtype, device, repeats) -> list[dic
     points = []
     for m in batches:
         x = torch.randn(m, k, device=device, dtype=dtype)
-        max_err = (kernels.w4a16_linear(x, *packed) - F.linear(x, reference)).abs().max().item()
+        errors = {"w4a16": (kernels.w4a16_linear(x, *packed) - F.linear(x, reference)).abs().max().item()}
         packed_bytes = w4_weight_bytes(n, k, group, act)
         runs = {"cublas_fp16" if cuda else "dense": (lambda: F.linear(x, dense.next()[0]), n * k * act),
                 "w4a16": (lambda: kernels.w4a16_linear(x, *w4.next()), packed_bytes)}
+        if tiles is not None:
+            errors["w4a16_tiles"] = (kernels.w4a16_linear_tiled(x, *tiles.sets[0], n)
+                                     - F.linear(x, reference)).abs().max().item()
+            runs["w4a16_tiles"] = (lambda: kernels.w4a16_linear_tiled(x, *tiles.next(), n), packed_bytes)
         if cuda and m <= 8:  # the fp16 GEMV kernel's two versions (chapter 2), same weights
             fp16_gemv = kernels.build.load(kernels.LINEAR, "cuda", kernels.build.cuda_arch(device.index or 0))
             for version in (1, 2):
@@ -93,11 +101,10 @@ def bench_shape(label, k, n, group, batches, dtype, device, repeats) -> list[dic
         if m > kernels.W4A16_GEMV_MAX_TOKENS:  # the two halves of the large-batch path
             runs["w4a16_dequantize_only"] = (lambda: kernels.dequantize_w4(*w4.next()), 0)
             runs["fp16_matmul_only"] = (lambda: F.linear(x, dense.next()[0]), 0)
-        tiny_err = None
         if tinygemm is not None:
             xb = x.to(torch.bfloat16)
-            tiny_err = (int4pack_mm(xb, tinygemm.sets[0], group).float()
-                        - F.linear(x.float(), reference.float())).abs().max().item()
+            errors["torch_int4pack"] = (int4pack_mm(xb, tinygemm.sets[0], group).float()
+                                        - F.linear(x.float(), reference.float())).abs().max().item()
             runs["torch_int4pack"] = (lambda: int4pack_mm(xb, tinygemm.next(), group), packed_bytes)
         graphed = {}
         if cuda and m in (1, kernels.W4A16_GEMV_MAX_TOKENS):
@@ -114,8 +121,7 @@ def bench_shape(label, k, n, group, batches, dtype, device, repeats) -> list[dic
             points.append({"shape": label, "k": k, "n": n, "group_size": group, "batch": m, "method": method,
                            "bytes": nbytes, "bytes_per_s": nbytes / median, "flops_per_s": 2 * m * n * k / median,
                            "stats": describe(seconds), "seconds": seconds,
-                           "max_abs_error": max_err if method == "w4a16" else
-                           tiny_err if method == "torch_int4pack" else None})
+                           "max_abs_error": errors.get(method)})
     return points
 
 
@@ -127,7 +133,7 @@ def plot(result: dict, path=None, axes=None):
     if axes is None:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     points, bw = result["points"], result["bandwidth"]["read_bytes_per_s"]
-    methods = [m for m in ("cublas_fp16", "dense", "torch_int4pack", "w4a16")
+    methods = [m for m in ("cublas_fp16", "dense", "torch_int4pack", "w4a16", "w4a16_tiles")
                if any(p["method"] == m for p in points)]
     shapes = list(dict.fromkeys(p["shape"] for p in points))
     first = min(p["batch"] for p in points)
