@@ -107,9 +107,11 @@ def save_figure(fig, path: Path, close: bool = True) -> Path:
 def bar_plot(path: Path, labels: list[str], values: list[float], ylabel: str, title: str) -> Path:
     import matplotlib.pyplot as plt  # headless machines get the Agg backend by default
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(values)), 3.5))
     bars = ax.bar(labels, values, color=["#999999"] + ["#1f77b4"] * (len(values) - 1))
     ax.bar_label(bars, fmt="%.1f")
+    ax.set_ylim(top=1.12 * max(values))  # room for the labels
+    ax.tick_params(axis="x", labelsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     return save_figure(fig, path)

@@ -110,6 +110,19 @@ def hf_model_of_shape(config: ModelConfig, dtype: torch.dtype, device: str):
         torch.set_default_dtype(default)
 
 
+def plot_cpu(result: dict, path) -> None:
+    """The CPU run's tokens/s, one bar a variant."""
+    g = result["native_w4"]["group_size"]
+    variants = {"HF generate": "hf_generate", "minideploy\nfloat": "native",
+                f"W4 g{g}\nrows": "native_w4_row_layout", f"W4 g{g}\ntiles": "native_w4",
+                f"W4 g{g} tiles\n+ int8 LM head": "native_w4_int8_head",
+                f"W4A16 g{g}\n(fp16 activations)": "native_w4a16"}
+    bar_plot(path, list(variants), [result[key]["tokens_per_s"] for key in variants.values()],
+             "decode tokens/s (bs 1)",
+             f"default model, {result['dtype']} activations, CPU ({result['threads']} threads): "
+             f"{result['speedup']:.2f}x HF; W4 {result['w4_speedup_vs_float']:.2f}x float")
+
+
 def bench_cpu(args) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -169,16 +182,7 @@ def bench_cpu(args) -> dict:
         "w4a16_speedup_vs_float": w4a16["tokens_per_s"] / native["tokens_per_s"],
     }
     path = write_result("decode_cpu", result, "cpu")
-    bar_plot(FIGURES / "decode_cpu.png",
-             ["HF generate", "minideploy", f"minideploy W4 g{quant.group_size}\n(rows, not tiled)",
-              f"minideploy W4 g{quant.group_size}", f"minideploy W4 g{quant.group_size}\n+ int8 LM head",
-              f"minideploy W4A16 g{quant.group_size}\n(float16 activations)"],
-             [hf_result["tokens_per_s"], native["tokens_per_s"], w4_rows["tokens_per_s"], w4["tokens_per_s"],
-              w4_int8_head["tokens_per_s"], w4a16["tokens_per_s"]],
-             "decode tokens/s (bs 1)",
-             f"{loaded.config.num_layers}-layer default model, {args.dtype} activations, CPU: "
-             f"{result['speedup']:.2f}x HF; W4 {result['w4_speedup_vs_float']:.2f}x, "
-             f"W4A16 {result['w4a16_speedup_vs_float']:.2f}x float")
+    plot_cpu(result, FIGURES / "decode_cpu.png")
     print(f"HF generate {hf_result['tokens_per_s']:.1f} tok/s | minideploy "
           f"{native['tokens_per_s']:.1f} tok/s | speedup {result['speedup']:.2f}x | "
           f"same greedy tokens: {result['same_tokens']} | W4 rows {w4_rows['tokens_per_s']:.1f}, "
