@@ -37,7 +37,9 @@ LINEAR = "linear"  # the small-batch linear (GEMV), CPU and CUDA
 # Above this many tokens a linear is a matrix product with weight reuse: BLAS's job. On 2
 # CPU cores the kernel (csrc/cpu/linear.cpp, version 4) beat torch's BLAS at 1-32 tokens on
 # the default model's shapes (100-125 vs 20-120 GFLOP/s; the LM head 36-95 vs 6-60) and
-# lost to it from 64 on.
+# lost to it from 64 on. That machine had AVX2; on one with AVX-512 (its 16-lane build)
+# BLAS already wins at 24-32 tokens (32: 125-157 vs 100-114 GFLOP/s), so the best bound
+# depends on the machine: this one is kept.
 GEMV_MAX_TOKENS = 32
 # On an H100 the CUDA GEMV beat cuBLAS at 1 token (7B decode 163.9 vs 160.1 tok/s) but
 # ran at half its speed at 8 (574 vs 1158 tok/s; figures/decode_h100.json and the commit
