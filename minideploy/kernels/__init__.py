@@ -250,8 +250,7 @@ def w4a16_linear_tiled(x: torch.Tensor, qtiles: torch.Tensor, stiles: torch.Tens
     if x.dim() == 2 and x.shape[0] <= W4A16_GEMV_MAX_TOKENS:
         return ext.gemv_tiled(x.contiguous(), qtiles, stiles, ztiles, out_features)  # checks its inputs
     reference.check_w4a16_tiled_args("w4a16_linear_tiled", qtiles, stiles, ztiles, out_features, x)
-    weight = (reference.untile_rows(t, out_features) for t in (qtiles, stiles, ztiles))
-    return torch.nn.functional.linear(x, ext.dequantize(*weight))
+    return w4a16_linear(x, *(reference.untile_rows(t, out_features) for t in (qtiles, stiles, ztiles)))
 
 
 def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,12 @@ from .pack import from_awq, pack_int4, to_awq, unpack_int4
 from .rtn import check_group_size, quantize, quantize_rows_int8
 
 
+def quantized_values(qweight: torch.Tensor, scales: torch.Tensor,
+                     zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shared layout's tensors as (q uint8 [out, in], scales float32, zeros uint8 [out, in / g])."""
+    return unpack_int4(qweight), scales.float(), zeros.round().to(torch.uint8)
+
+
 class W4A16Linear(nn.Module):
     """y = x · dequant(qweight)ᵀ; the buffers follow the model's dtype (`.to(dtype)`), qweight stays int32."""
 
@@ -51,7 +57,7 @@ class W4A16Linear(nn.Module):
 
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q uint8 [out, in], scales float32, zeros uint8 [out, in / g]): what `to_awq` packs."""
-        return unpack_int4(self.qweight), self.scales.float(), self.zeros.round().to(torch.uint8)
+        return quantized_values(self.qweight, self.scales, self.zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.w4a16_linear(x, self.qweight, self.scales, self.zeros)
@@ -92,8 +98,7 @@ class W4A16TiledLinear(nn.Module):
 
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """As W4A16Linear.quantized: what `to_awq` packs."""
-        qweight, scales, zeros = self.untiled()
-        return unpack_int4(qweight), scales.float(), zeros.round().to(torch.uint8)
+        return quantized_values(*self.untiled())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.w4a16_linear_tiled(x, self.qtiles, self.stiles, self.ztiles, self.out_features)
