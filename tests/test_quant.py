@@ -112,30 +112,43 @@ def test_quantize_lm_head_unties_it_and_keeps_the_embedding():
     assert (error <= bound).all() and error.max() > 0
 
 
-def test_tiled_w4a16_linears_give_the_same_logits_and_checkpoint():
-    """tile_w4a16_linears_ (what the engine's runners call on a CPU) swaps every int4 linear
-    for the kernel's tile layout: logits bit for bit as before (prefill: dequantize + matmul,
-    decode: the GEMV), the same AutoAWQ tensors out, and a second call changes nothing."""
+CPU_OR_CUDA = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+
+
+@pytest.mark.parametrize("device", CPU_OR_CUDA)
+def test_tiled_w4a16_linears_give_the_same_logits_and_checkpoint(device, kernel_mode):
+    """tile_w4a16_linears_ (what the engine's runners call) swaps every int4 linear for its
+    device kernel's tile layout: logits bit for bit as before (prefill of 18 tokens: on a
+    CPU dequantize + matmul, on a GPU the GEMV in chunks; decode: the GEMV), the same
+    AutoAWQ tensors out, and a second call changes nothing. On a GPU a layer whose
+    in_features is no multiple of the kernel's 128-weight k-step keeps the row layout."""
     import copy
 
     from minideploy.config import QuantConfig
     from minideploy.models import ForwardContext, KVCache
-    from minideploy.quant import W4A16TiledLinear, quantize_model_, tile_w4a16_linears_
+    from minideploy.quant import W4A16Linear, W4A16TiledLinear, quantize_model_, tile_w4a16_linears_
     from minideploy.quant.checkpoint import awq_state_dict
 
-    config = ModelConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=16, max_position_embeddings=32)
-    rows = quantize_model_(random_model(config, torch.float32), QuantConfig(4, 32))
+    kernel_mode("compiled")
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    config = ModelConfig(vocab_size=100, hidden_size=128, intermediate_size=160, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=32, max_position_embeddings=32)
+    rows = quantize_model_(random_model(config, dtype, device), QuantConfig(4, 32))
     tiled = tile_w4a16_linears_(copy.deepcopy(rows))
-    assert all(isinstance(module, W4A16TiledLinear) for _, module in decoder_linears(tiled))
+    kinds = {name.split(".")[-1]: type(module) for name, module in decoder_linears(tiled)}
+    # down's in_features, 160, is no multiple of 128: the CUDA kernel's tiles do not fit it.
+    assert kinds == {"qkv": W4A16TiledLinear, "o": W4A16TiledLinear, "gate_up": W4A16TiledLinear,
+                     "down": W4A16TiledLinear if device == "cpu" else W4A16Linear}
     assert "tiles of" in repr(tiled.layers[0].mlp.gate_up)
-    ids = torch.randint(0, 100, (2, 10))
+    ids = torch.randint(0, 100, (2, 10), device=device)
 
     def logits(model):
-        cache = KVCache(config, 2, 10, torch.float32, "cpu")
+        cache = KVCache(config, 2, 10, dtype, device)
+        positions = torch.arange(9, device=device).expand(2, -1)
         with torch.inference_mode():
-            prompt = model(ids[:, :9], ForwardContext(torch.arange(9).expand(2, -1), 9), cache)
-            step = model(ids[:, 9:], ForwardContext(torch.full((2, 1), 9), 10), cache)
+            prompt = model(ids[:, :9], ForwardContext(positions, 9), cache)
+            step = model(ids[:, 9:], ForwardContext(torch.full((2, 1), 9, device=device), 10), cache)
             return model.logits(prompt), model.logits(step)
 
     for before, after in zip(logits(rows), logits(tiled)):

@@ -327,7 +327,7 @@ def test_portable_cpu_kernel_matches_reference(portable_cpu_extension, n, k, gro
             x = torch.randn(tokens, k).to(dtype)
             assert_matches(portable_cpu_extension.gemv(x, qweight, scales, zeros), x, qweight, scales,
                            zeros)
-            tiles = [reference.tile_rows(t, portable_cpu_extension.tile_rows()) for t in (qweight, scales, zeros)]
+            tiles = [reference.tile_rows(t, portable_cpu_extension.tile_shape()[0]) for t in (qweight, scales, zeros)]
             assert torch.equal(portable_cpu_extension.gemv_tiled(x, *tiles, n),
                                portable_cpu_extension.gemv(x, qweight, scales, zeros))
         assert torch.equal(portable_cpu_extension.dequantize(qweight, scales, zeros),
@@ -351,20 +351,25 @@ def test_cpu_gemv_property(tokens, n, groups, group_32s, dtype, seed):
 # ---------------------------------------------------------------------------
 
 def cpu_tiles(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    return [reference.tile_rows(t, compiled("cpu").tile_rows()) for t in tensors]
+    return [reference.tile_rows(t, compiled("cpu").tile_shape()[0]) for t in tensors]
 
 
-def test_tile_rows_layout_and_inverse():
-    """qtiles[t, j, r] = qweight[t R + r, j]; rows past N zero; untile gives the tensor back."""
-    qweight, scales, _ = random_weight(21, 192, 64)
-    for rows in (8, 16):
-        tiles = reference.tile_rows(qweight, rows)
-        assert tiles.shape == (-(-21 // rows), 24, rows)
-        for n in (0, 5, 20):
-            assert torch.equal(tiles[n // rows, :, n % rows], qweight[n])
-        assert not tiles[-1, :, 21 % rows:].any()
-        assert torch.equal(reference.untile_rows(tiles, 21), qweight)
-        assert torch.equal(reference.untile_rows(reference.tile_rows(scales, rows), 21), scales)
+@pytest.mark.parametrize("rows,cols", [(8, 1), (16, 1), (16, 16), (4, 3)])
+def test_tile_rows_layout_and_inverse(rows, cols):
+    """qtiles[t, s, r C + c] = qweight[t R + r, s C + c]; rows past N zero; untile gives the
+    tensor back."""
+    qweight, scales, _ = random_weight(21, 384, 64)
+    tiles = reference.tile_rows(qweight, rows, cols)
+    assert tiles.shape == (-(-21 // rows), 48 // cols, rows * cols) and tiles.is_contiguous()
+    for n in (0, 5, 20):
+        for s in (0, 48 // cols - 1):
+            assert torch.equal(tiles[n // rows, s, n % rows * cols:(n % rows + 1) * cols],
+                               qweight[n, s * cols:(s + 1) * cols])
+    assert not tiles[-1, :, 21 % rows * cols:].any()
+    assert torch.equal(reference.untile_rows(tiles, 21, rows), qweight)
+    assert torch.equal(reference.untile_rows(reference.tile_rows(scales, rows), 21), scales)
+    with pytest.raises(ValueError, match="5-column runs do not divide a row of 48"):
+        reference.tile_rows(qweight, rows, 5)
 
 
 @pytest.mark.parametrize("n,k,group", SHAPES)
@@ -380,13 +385,15 @@ def test_cpu_tiled_linear_is_the_row_layouts_bit_for_bit(tokens, n, k, group):
         assert_matches(out, x, qweight, scales, zeros)
 
 
-@pytest.mark.parametrize("rows", [8, 16])
-def test_tiled_reference_takes_any_tile_width(rows, kernel_mode):
+@pytest.mark.parametrize("rows,cols", [(8, 1), (16, 1), (16, 16), (4, 2)])
+def test_tiled_reference_takes_any_tile_shape(rows, cols, kernel_mode):
     kernel_mode("reference")
-    qweight, scales, zeros = random_weight(19, 128, 32)
+    qweight, scales, zeros = random_weight(38, 128, 32)
     x = torch.randn(3, 128)
-    tiles = [reference.tile_rows(t, rows) for t in (qweight, scales, zeros)]
-    assert torch.equal(kernels.w4a16_linear_tiled(x, *tiles, 19), reference.w4a16_linear(x, qweight, scales, zeros))
+    tiles = [reference.tile_rows(qweight, rows, cols)] + [reference.tile_rows(t, rows) for t in (scales, zeros)]
+    assert torch.equal(kernels.w4a16_linear_tiled(x, *tiles, 38), reference.w4a16_linear(x, qweight, scales, zeros))
+    assert torch.equal(kernels.w4a16_silu_and_mul_tiled(x, *tiles, 38),
+                       reference.w4a16_silu_and_mul(x, qweight, scales, zeros))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -411,7 +418,7 @@ def _tiled_call(change: dict):
 
 
 BAD_TILED_CALLS = {
-    "qtiles 2-D": (dict(qtiles=lambda t: t[0]), "qtiles must be 3-D int32 [tiles, in_features / 8, "),
+    "qtiles 2-D": (dict(qtiles=lambda t: t[0]), "qtiles must be 3-D int32 [tiles, in_features / "),
     "out_features for more tiles": (dict(out_features=lambda n: 40), "out_features=40 needs"),
     "out_features 0": (dict(out_features=lambda n: 0), "out_features=0 needs 0 tiles"),
     "stiles tiles": (dict(stiles=lambda t: t[:1].contiguous()), "stiles must have shape [tiles="),
@@ -442,10 +449,74 @@ def test_cpu_tiled_bad_input_names_the_problem(case, kernel_mode):
 def test_cpu_tiled_gemv_wants_this_cpus_tile_width():
     ext = compiled("cpu")
     qweight, scales, zeros = random_weight(20, 96, 32)
-    rows = ext.tile_rows()
+    rows, cols = ext.tile_shape()
+    assert cols == 1
     other = [reference.tile_rows(t, rows * 2) for t in (qweight, scales, zeros)]
-    with pytest.raises(RuntimeError, match=re.escape(f"(this CPU's tiles of {rows} rows)")):
+    with pytest.raises(RuntimeError, match=re.escape(f"(this CPU's tiles of {rows} rows, 1 word wide)")):
         ext.gemv_tiled(torch.randn(1, 96), *other, 20)
+
+
+# ---------------------------------------------------------------------------
+# The CUDA kernel's tiles: 16 rows x 16 words, a block's k-step in one piece
+# ---------------------------------------------------------------------------
+
+# K a multiple of the 128-weight k-step (the CUDA tiles need it): N ragged against the
+# 16-row tile (1, 33, 17, 40), one k-step to 11008, groups of 32 to 384.
+CUDA_TILED_SHAPES = [(1, 128, 32), (33, 256, 64), (1000, 1536, 128), (40, 11008, 128), (17, 6144, 384),
+                     (24, 7168, 64)]
+
+
+def cuda_tiles(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> list[torch.Tensor]:
+    rows, cols = compiled("cuda").tile_shape()
+    return [reference.tile_rows(qweight, rows, cols), reference.tile_rows(scales, rows),
+            reference.tile_rows(zeros, rows)]
+
+
+@cuda_only
+@pytest.mark.parametrize("n,k,group", CUDA_TILED_SHAPES)
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 16, 17, 40, 65])
+def test_cuda_tiled_linear_is_the_row_layouts_bit_for_bit(tokens, n, k, group):
+    """Same kernel, same sums, other addresses; above 48 tokens, dequantize + matmul."""
+    for dtype in dtypes_for("cuda"):
+        qweight, scales, zeros = random_weight(n, k, group, dtype, "cuda", seed=n + k + tokens)
+        x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tokens)).to(dtype).cuda()
+        out = kernels.w4a16_linear_tiled(x, *cuda_tiles(qweight, scales, zeros), n)
+        assert torch.equal(out, kernels.w4a16_linear(x, qweight, scales, zeros))
+        assert_matches(out, x, qweight, scales, zeros)
+
+
+@cuda_only
+@pytest.mark.parametrize("n,k,group", [(26, 128, 32), (54, 256, 64), (960, 1536, 128)])
+@pytest.mark.parametrize("tokens", [1, 9, 17, 65])
+def test_cuda_tiled_silu_and_mul_is_the_row_layouts_bit_for_bit(tokens, n, k, group):
+    """The gated GEMV over tiles; 27 features put up rows across two tiles."""
+    for dtype in dtypes_for("cuda"):
+        qweight, scales, zeros = random_weight(n, k, group, dtype, "cuda", seed=n + tokens)
+        x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tokens)).to(dtype).cuda()
+        fused = kernels.w4a16_silu_and_mul_tiled(x, *cuda_tiles(qweight, scales, zeros), n)
+        assert fused.shape == (tokens, n // 2)
+        assert torch.equal(fused, kernels.w4a16_silu_and_mul(x, qweight, scales, zeros))
+
+
+@cuda_only
+def test_cuda_tiled_gemv_names_bad_input_as_the_reference_does():
+    ext = compiled("cuda")
+    qweight, scales, zeros = random_weight(20, 256, 32, torch.float16, "cuda")
+    x = torch.randn(2, 256).half().cuda()
+    with pytest.raises(RuntimeError, match=re.escape("(the CUDA kernel's tiles of 16 rows, 16 words wide)")):
+        ext.gemv_tiled(x, *(reference.tile_rows(t, 16) for t in (qweight, scales, zeros)), 20)
+    tiles = cuda_tiles(qweight, scales, zeros)
+    for args, message in [((x, *tiles, 40), "out_features=40 needs 3 tiles of 16 rows, qtiles has 2"),
+                          ((x[:, :128].contiguous(), *tiles, 20), "x must be 2-D [tokens, in_features=256]"),
+                          ((x.float(), *tiles, 20), "x must have the dtype of stiles (float16), got float32"),
+                          ((x, tiles[0], tiles[1], tiles[2].float(), 20), "ztiles must have the dtype of stiles"),
+                          ((x, tiles[0], tiles[1].cpu(), tiles[2].cpu(), 20), "qtiles must be on stiles' device cpu")]:
+        for gemv in (ext.gemv_tiled, reference.w4a16_linear_tiled):
+            with pytest.raises((RuntimeError, ValueError), match=re.escape(message)):
+                gemv(*args)
+    odd = cuda_tiles(*random_weight(21, 256, 32, torch.float16, "cuda"))
+    with pytest.raises(RuntimeError, match="even number of rows"):
+        ext.gemv_tiled(x, *odd, 21, gated=True)
 
 
 # ---------------------------------------------------------------------------

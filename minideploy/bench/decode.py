@@ -19,7 +19,9 @@ GPU; native decode replays CUDA graphs (one per batch bucket) with the greedy
 token fed back on the device, timed with CUDA events; HF `generate` on a
 same-shaped model; and the weight-streaming limit, weight bytes over the
 measured copy bandwidth; then the same model RTN-quantized to W4A16 (g128)
-and timed again (`--w4a16-group-size 0` skips it). Each model is also timed at
+and timed again (`--w4a16-group-size 0` skips it), in the kernel's tiles as the
+engine runs it, and at the smallest batch also in the shared row layout (the
+baseline of the tiles). Each model is also timed at
 batch 1 from a graph captured with programmatic dependent launch off
 (MINIDEPLOY_PDL=0, csrc/cuda/launch.cuh): what overlapping the kernels is
 worth. `--profile` adds GPU time per kernel of a bs-1 step, also measured with
@@ -41,7 +43,7 @@ from ..engine.cuda_graphs import CUDAGraphDecoder
 from ..memory import weight_bytes
 from ..models import KVCache, load_model, random_model
 from ..models.shapes import MODEL_SHAPES
-from ..quant import quantize_lm_head_, quantize_model_
+from ..quant import quantize_lm_head_, quantize_model_, tile_w4a16_linears_
 from ..roofline import measure_bandwidth
 from .common import FIGURES, bar_plot, bench_parser, device_tag, load_result, save_figure, summarize, write_result
 from .timing import describe, time_fn
@@ -156,7 +158,7 @@ def bench_cpu(args) -> dict:
                          args.new_tokens, args.repeats)
     hf_result, native, w4, w4_int8_head, w4a16, w4_rows = (
         rates[k] for k in ("hf", "native", "w4", "w4_int8_head", "w4a16", "w4_rows"))
-    tile_rows = kernels.w4a16_tile_rows(torch.device("cpu"))
+    tile_rows = kernels.w4a16_tile_shape(torch.device("cpu"))[0]
     result = {
         "model": str(loaded.source.path), "dtype": args.dtype, "batch_size": 1,
         "prompt_tokens": len(ids), "new_tokens": args.new_tokens,
@@ -211,9 +213,14 @@ def bench_cuda(args) -> dict:
         quantize_model_(model, quant)  # RTN on the GPU; the fp16 decoder weights are freed
         torch.cuda.empty_cache()
         w4_bytes = model_bytes(model)
+        # The baseline of the kernel's tiles: the layout every device shares (AutoAWQ's rows).
+        rows = time_graphs(model, cache, batches[:1], args, "w4a16 rows")
+        tile_w4a16_linears_(model)  # what the engine's runners do at load
         w4a16 = {"group_size": quant.group_size, "weight_bytes": w4_bytes,
                  "weight_streaming_limit_tokens_per_s": bandwidth["copy_bytes_per_s"] / w4_bytes,
+                 "tile_shape": kernels.w4a16_tile_shape(torch.device(device)),
                  "native": time_graphs(model, cache, batches, args, "w4a16"),
+                 "native_row_layout": rows,
                  "kernel_profile": profile_step(model, cache, args) if args.profile else None}
     del cache, model
     torch.cuda.empty_cache()
@@ -241,6 +248,8 @@ def bench_cuda(args) -> dict:
         w4_bs1 = w4a16["native"][batches[0]]["graph"]["tokens_per_s"]
         w4a16["bs1_speedup_vs_fp16"] = w4_bs1 / bs1
         w4a16["bs1_fraction_of_limit"] = w4_bs1 / w4a16["weight_streaming_limit_tokens_per_s"]
+        w4a16["bs1_tiles_speedup_vs_rows"] = (
+            w4_bs1 / w4a16["native_row_layout"][batches[0]]["graph"]["tokens_per_s"])
     tag = device_tag(device)
     path = write_result(f"decode_{tag}", result, device)
     result = load_result(f"decode_{tag}")  # the plot shows exactly what the JSON holds

@@ -6,15 +6,16 @@ For every shape and batch size, one run times
     16 tokens, on a GPU up to 48 in calls of 16; above, dequantize to fp16 then
     cuBLAS),
   - `torch_int4pack`: `torch._weight_int4pack_mm` (tinygemm, bf16) where torch has it,
-  - `w4a16_tiles` (CPU): the same kernel over the weight rearranged into the CPU
-    kernel's tiles of rows (`reference.tile_rows`), the layout the engine runs,
+  - `w4a16_tiles`: the same kernel over the weight rearranged into its device's
+    tiles of rows (`reference.tile_rows`, `kernels.w4a16_tile_shape`; on a GPU where
+    the 128-weight k-step divides K), the layout the engine runs,
 and, for the dequantize + matmul path, the two halves separately — the answer
 to "doesn't dequantization take time?": at batch 1 the GEMV's time is what its
 bytes cost at the measured bandwidth (the unpacking hides under the loads);
 at large batch the same weight is reused by many tokens, the matmul becomes
 compute-bound, and the dequantization pass is pure extra time.
 
-At 1 and 16 tokens `cublas_fp16_graph` and `w4a16_graph` time the same calls
+At 1 and 16 tokens `cublas_fp16_graph`, `w4a16_graph` and `w4a16_tiles_graph` time the same calls
 replayed from a CUDA graph, one call per weight copy back to back, as a decode
 step runs them: each call's share of the GPU time without the launch and event
 gap that a single timed call carries (an empty kernel times ~4 µs on an H100).
@@ -74,8 +75,11 @@ def bench_shape(label, k, n, group, batches, dtype, device, repeats) -> list[dic
     w4 = Rotating(*packed)
     reference = kernels.reference.dequantize_w4(*packed)
     cuda = device.type == "cuda"
-    rows = None if cuda else kernels.w4a16_tile_rows(device)
-    tiles = Rotating(*(kernels.reference.tile_rows(t, rows) for t in packed)) if rows else None
+    shape = kernels.w4a16_tile_shape(device)
+    tiles = None
+    if shape is not None and (k // 8) % shape[1] == 0:
+        tiles = Rotating(kernels.reference.tile_rows(packed[0], *shape),
+                         *(kernels.reference.tile_rows(t, shape[0]) for t in packed[1:]))
     tinygemm = None
     if cuda and hasattr(torch, "_weight_int4pack_mm"):
         try:
@@ -110,6 +114,8 @@ def bench_shape(label, k, n, group, batches, dtype, device, repeats) -> list[dic
         if cuda and m in (1, kernels.W4A16_GEMV_MAX_TOKENS):
             graphed = {"cublas_fp16_graph": (runs["cublas_fp16"], len(dense)),
                        "w4a16_graph": (runs["w4a16"], len(w4))}
+            if tiles is not None:
+                graphed["w4a16_tiles_graph"] = (runs["w4a16_tiles"], len(tiles))
         for method, (fn, weight_bytes) in list(runs.items()) + [
                 (name, run) for name, (run, _) in graphed.items()]:
             if method in graphed:

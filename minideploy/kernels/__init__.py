@@ -27,7 +27,7 @@ from minideploy.kernels import build, reference
 from minideploy.kernels.build import KernelBuildError, cuda_arch, load, try_load
 
 __all__ = ["rms_norm", "add_rms_norm", "rope", "linear", "int8_linear", "w4a16_linear", "w4a16_silu_and_mul",
-           "w4a16_linear_tiled", "w4a16_tile_rows", "dequantize_w4", "store_kv",
+           "w4a16_linear_tiled", "w4a16_silu_and_mul_tiled", "w4a16_tile_shape", "dequantize_w4", "store_kv",
            "decode_attention", "decode_attention_fits", "quantize_kv", "dequantize_kv", "silu_and_mul", "backend_for", "mode", "set_mode", "KernelBuildError", "reference"]
 
 ENV_VAR = "MINIDEPLOY_KERNELS"
@@ -201,7 +201,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if ext is None:
         return reference.w4a16_linear(x, qweight, scales, zeros)
     if x.dim() == 2 and (x.shape[0] <= W4A16_GEMV_MAX_TOKENS or _w4a16_chunks_fit(x)):
-        return _w4a16_gemv(ext, x, qweight, scales, zeros)  # the kernel checks its inputs
+        return _w4a16_gemv(ext.gemv, x, qweight, scales, zeros)  # the kernel checks its inputs
     reference.check_w4a16_args("w4a16_linear", qweight, scales, zeros, x)
     return torch.nn.functional.linear(x, ext.dequantize(qweight, scales, zeros))
 
@@ -217,7 +217,7 @@ def w4a16_silu_and_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     if ext is None:
         return reference.w4a16_silu_and_mul(x, qweight, scales, zeros)
     if x.dim() == 2 and _w4a16_chunks_fit(x):
-        return _w4a16_gemv(ext, x, qweight, scales, zeros, gated=True)
+        return _w4a16_gemv(ext.gemv, x, qweight, scales, zeros, gated=True)
     return silu_and_mul(w4a16_linear(x, qweight, scales, zeros))
 
 
@@ -225,32 +225,44 @@ def _w4a16_chunks_fit(x: torch.Tensor) -> bool:
     return x.is_cuda and x.shape[0] <= W4A16_GEMV_CHUNKED_MAX_TOKENS_CUDA
 
 
-def _w4a16_gemv(ext: ModuleType, x: torch.Tensor, *weight: torch.Tensor, **gated: bool) -> torch.Tensor:
-    """The extension's GEMV over x's rows, W4A16_GEMV_MAX_TOKENS at a time (a decode step: one call)."""
+def _w4a16_gemv(gemv, x: torch.Tensor, *weight, **gated: bool) -> torch.Tensor:
+    """An extension's GEMV over x's rows, W4A16_GEMV_MAX_TOKENS at a time (a decode step: one call)."""
     x = x.contiguous()
     if x.shape[0] <= W4A16_GEMV_MAX_TOKENS:  # no split: ~4 us a call, ~0.5 ms of a CPU decode step
-        return ext.gemv(x, *weight, **gated)
-    return torch.cat([ext.gemv(part, *weight, **gated) for part in x.split(W4A16_GEMV_MAX_TOKENS)])
+        return gemv(x, *weight, **gated)
+    return torch.cat([gemv(part, *weight, **gated) for part in x.split(W4A16_GEMV_MAX_TOKENS)])
 
 
-def w4a16_tile_rows(device: torch.device) -> Optional[int]:
-    """Rows per tile of the W4A16 GEMV over tiles (`reference.tile_rows`) on `device`: the
-    CPU kernel's vector width (16 with AVX-512, else 8); None elsewhere or without it."""
-    ext = _extension(W4A16, device) if device.type == "cpu" else None
-    return None if ext is None else ext.tile_rows()
+def w4a16_tile_shape(device: torch.device) -> Optional[tuple[int, int]]:
+    """(rows R, words C) of the tiles the W4A16 GEMV reads on `device` (`reference.tile_rows`):
+    the CPU kernel's vector width (16 with AVX-512, else 8) by 1 word; CUDA's mma tile, 16 by
+    16 (a k-step); None without the kernel."""
+    ext = _extension(W4A16, device)
+    return None if ext is None else tuple(ext.tile_shape())
 
 
 def w4a16_linear_tiled(x: torch.Tensor, qtiles: torch.Tensor, stiles: torch.Tensor, ztiles: torch.Tensor,
                        out_features: int) -> torch.Tensor:
-    """`w4a16_linear` of a weight in the CPU kernel's tiles of rows: up to
-    W4A16_GEMV_MAX_TOKENS tokens the GEMV reads the tiles; more dequantize and matmul."""
-    ext = _extension(W4A16, x.device) if x.device.type == "cpu" else None
+    """`w4a16_linear` of a weight in the kernel's tiles of rows (`w4a16_tile_shape`): the
+    GEMV's token bound as in `w4a16_linear`; more tokens dequantize and matmul."""
+    ext = _extension(W4A16, x.device)
     if ext is None:
         return reference.w4a16_linear_tiled(x, qtiles, stiles, ztiles, out_features)
-    if x.dim() == 2 and x.shape[0] <= W4A16_GEMV_MAX_TOKENS:
-        return ext.gemv_tiled(x.contiguous(), qtiles, stiles, ztiles, out_features)  # checks its inputs
+    if x.dim() == 2 and (x.shape[0] <= W4A16_GEMV_MAX_TOKENS or _w4a16_chunks_fit(x)):
+        return _w4a16_gemv(ext.gemv_tiled, x, qtiles, stiles, ztiles, out_features)  # checks its inputs
     reference.check_w4a16_tiled_args("w4a16_linear_tiled", qtiles, stiles, ztiles, out_features, x)
-    return w4a16_linear(x, *(reference.untile_rows(t, out_features) for t in (qtiles, stiles, ztiles)))
+    return w4a16_linear(x, *reference.untile_w4a16(qtiles, stiles, ztiles, out_features))
+
+
+def w4a16_silu_and_mul_tiled(x: torch.Tensor, qtiles: torch.Tensor, stiles: torch.Tensor,
+                             ztiles: torch.Tensor, out_features: int) -> torch.Tensor:
+    """`w4a16_silu_and_mul` of a [gate | up] weight in the kernel's tiles (fused on a GPU)."""
+    ext = _extension(W4A16, x.device)
+    if ext is None:
+        return reference.w4a16_silu_and_mul_tiled(x, qtiles, stiles, ztiles, out_features)
+    if x.dim() == 2 and _w4a16_chunks_fit(x):
+        return _w4a16_gemv(ext.gemv_tiled, x, qtiles, stiles, ztiles, out_features, gated=True)
+    return silu_and_mul(w4a16_linear_tiled(x, qtiles, stiles, ztiles, out_features))
 
 
 def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:

@@ -236,33 +236,55 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return torch.nn.functional.linear(x, dequantize_w4(qweight, scales, zeros))
 
 
-# --- W4A16 on the CPU: the same tensors in tiles of rows ------------------------------
+# --- W4A16 in tiles of rows: each kernel's own layout ---------------------------------
 #
-# The CPU kernel's vector lanes are R adjacent rows (R = 16 with AVX-512, else 8: its
-# `tile_rows()`), so it wants word j of R rows at once. In the layout above those are R
-# separate loads and a transpose in registers; rearranged once into tiles they are one:
-#     qtiles [ceil(N / R), K / 8, R]       qtiles[t, j, r] = qweight[t * R + r, j]
-#     stiles, ztiles [ceil(N / R), K / g, R]   likewise from scales and zeros
-# Rows past N are zero (computed, never written out).
+# A kernel reads R rows of the weight together: the CPU kernel's vector lanes are R
+# adjacent rows (R = 16 with AVX-512, else 8), the CUDA kernel's mma tile is 16 rows. In
+# the layout above those rows lie K / 2 bytes apart; rearranged once (at load, as
+# TurboMind converts weights for its kernels) a tile's loads are contiguous:
+#     qtiles [ceil(N / R), K / (8 C), R * C]    qtiles[t, s, r * C + c] = qweight[t * R + r, s * C + c]
+#     stiles, ztiles [ceil(N / R), K / g, R]    stiles[t, j, r] = scales[t * R + r, j]
+# C is the words of a row kept together: 1 on the CPU (word j of the R rows is one vector),
+# 16 on CUDA (a k-step of 128 weights: a warp's load reads 512 contiguous bytes, 8 rows x
+# 64, where the shared layout gives it 64 bytes from each of 8 rows). Each device's kernel
+# says its (R, C): `kernels.w4a16_tile_shape`. Rows past N are zero (computed, never
+# written out).
 
-def tile_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """[N, C] → [ceil(N / rows), C, rows]: the rows of each tile interleaved, zero-padded."""
+def tile_rows(t: torch.Tensor, rows: int, cols: int = 1) -> torch.Tensor:
+    """[N, K] → [ceil(N / rows), K / cols, rows * cols]: runs of `cols` columns of the
+    tile's rows side by side, zero-padded to whole tiles; cols must divide K."""
+    if t.shape[1] % cols:
+        raise ValueError(f"tile_rows: {cols}-column runs do not divide a row of {t.shape[1]}")
     padded = torch.cat([t, t.new_zeros(-t.shape[0] % rows, t.shape[1])])
-    return padded.view(-1, rows, t.shape[1]).transpose(1, 2).contiguous()
+    runs = padded.view(-1, rows, t.shape[1] // cols, cols).transpose(1, 2)
+    return runs.reshape(runs.shape[0], runs.shape[1], rows * cols).contiguous()
 
 
-def untile_rows(tiles: torch.Tensor, n: int) -> torch.Tensor:
-    """`tile_rows`' inverse: [tiles, C, rows] → the first n rows [n, C]."""
-    return tiles.transpose(1, 2).reshape(-1, tiles.shape[1])[:n].contiguous()
+def untile_rows(tiles: torch.Tensor, n: int, rows: int | None = None) -> torch.Tensor:
+    """`tile_rows`' inverse: the first n rows [n, K] (rows: per tile, default the last dim's)."""
+    rows = rows or tiles.shape[2]
+    runs = tiles.view(tiles.shape[0], tiles.shape[1], rows, -1).transpose(1, 2)
+    return runs.reshape(tiles.shape[0] * rows, -1)[:n].contiguous()
+
+
+def untile_w4a16(qtiles: torch.Tensor, stiles: torch.Tensor, ztiles: torch.Tensor,
+                 n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(qweight, scales, zeros) in the shared layout from their tiles (R: stiles' last dim)."""
+    rows = stiles.shape[2]
+    return untile_rows(qtiles, n, rows), untile_rows(stiles, n), untile_rows(ztiles, n)
 
 
 def check_w4a16_tiled_args(op: str, qtiles: torch.Tensor, stiles: torch.Tensor, ztiles: torch.Tensor,
                            n: int, x: torch.Tensor) -> None:
-    """The checks of `check_w4a16_args`, on tiles of any width (the CPU kernel: its own)."""
+    """The checks of `check_w4a16_args`, on tiles of any shape (R from stiles' last dim)."""
     if qtiles.dtype != torch.int32 or qtiles.dim() != 3:
-        _fail(f"{op}: qtiles must be 3-D int32 [tiles, in_features / 8, rows], "
-              f"got {dtype_name(qtiles.dtype)} {_shape(qtiles)}")
-    tiles, k, rows = qtiles.shape[0], qtiles.shape[1] * 8, qtiles.shape[2]
+        _fail(f"{op}: qtiles must be 3-D int32 [tiles, in_features / (8 C), R * C] (tiles of R rows "
+              f"and C words), got {dtype_name(qtiles.dtype)} {_shape(qtiles)}")
+    rows = stiles.shape[2] if stiles.dim() == 3 and stiles.shape[2] else qtiles.shape[2]
+    if qtiles.shape[2] % rows:
+        _fail(f"{op}: qtiles' last dim {qtiles.shape[2]} must be a multiple of the {rows} rows a tile "
+              f"of stiles has")
+    tiles, k = qtiles.shape[0], qtiles.shape[1] * qtiles.shape[2] // rows * 8
     if n <= 0 or -(-n // rows) != tiles:
         _fail(f"{op}: out_features={n} needs {-(-max(n, 0) // rows)} tiles of {rows} rows, qtiles has {tiles}")
     _check_groups_and_x(op, ("qtiles", "stiles", "ztiles"), qtiles, stiles, ztiles, k,
@@ -274,7 +296,13 @@ def w4a16_linear_tiled(x: torch.Tensor, qtiles: torch.Tensor, stiles: torch.Tens
                        n: int) -> torch.Tensor:
     """`w4a16_linear` of the weight whose first n rows the tiles hold."""
     check_w4a16_tiled_args("w4a16_linear_tiled", qtiles, stiles, ztiles, n, x)
-    return w4a16_linear(x, untile_rows(qtiles, n), untile_rows(stiles, n), untile_rows(ztiles, n))
+    return w4a16_linear(x, *untile_w4a16(qtiles, stiles, ztiles, n))
+
+
+def w4a16_silu_and_mul_tiled(x: torch.Tensor, qtiles: torch.Tensor, stiles: torch.Tensor,
+                             ztiles: torch.Tensor, n: int) -> torch.Tensor:
+    """`w4a16_silu_and_mul` of a [gate | up] weight of n rows in tiles."""
+    return silu_and_mul(w4a16_linear_tiled(x, qtiles, stiles, ztiles, n))
 
 
 # --- int8 linear (the LM head in int8) -----------------------------------------------

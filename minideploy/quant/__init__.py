@@ -76,15 +76,19 @@ def use_w4a16_linears_(model: LlamaModel, quant: QuantConfig) -> LlamaModel:
 
 @torch.no_grad()
 def tile_w4a16_linears_(model: LlamaModel) -> LlamaModel:
-    """On a CPU, swap every W4A16Linear for a W4A16TiledLinear (the CPU kernel's tiles of
-    rows: the same outputs, faster), in place; elsewhere, or without the CPU kernel, nothing.
+    """Swap every W4A16Linear for a W4A16TiledLinear in its device's kernel layout (the same
+    outputs, faster), in place; a device without the kernel, or a layer whose in_features
+    the tile's words do not divide (CUDA: 128 weights), keeps the shared layout.
 
     The engine's runners call it on the model they run."""
-    linears = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, W4A16Linear) and module.qweight.device.type == "cpu"]
-    rows = kernels.w4a16_tile_rows(torch.device("cpu")) if linears else None  # builds the kernel
-    for name, module in linears if rows is not None else ():
-        _replace(model, name, W4A16TiledLinear(module, rows))
+    shapes = {}  # device -> (rows, words) or None; asking builds the kernel
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, W4A16Linear)]:
+        device = module.qweight.device
+        if device not in shapes:
+            shapes[device] = kernels.w4a16_tile_shape(device)
+        shape = shapes[device]
+        if shape is not None and module.qweight.shape[1] % shape[1] == 0:
+            _replace(model, name, W4A16TiledLinear(module, *shape))
     return model
 
 

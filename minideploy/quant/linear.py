@@ -72,29 +72,31 @@ class W4A16Linear(nn.Module):
 
 
 class W4A16TiledLinear(nn.Module):
-    """A W4A16Linear's tensors rearranged for the CPU kernel: tiles of R rows (its vector
-    width, 16 with AVX-512) with word j of the R rows adjacent (`reference.tile_rows`).
+    """A W4A16Linear's tensors rearranged for the kernel of the device it runs on: tiles of
+    R rows with runs of C words of each row side by side (`reference.tile_rows`).
 
-    The kernel's lanes are rows, so in the shared layout it loads R rows separately and
-    transposes them in registers; in tiles a vector is one load. Same sums in the same
-    order, 1.3-1.7x faster on the default model's shapes. R depends on the machine, so
-    this is a runtime layout, made where the model runs (`quant.tile_w4a16_linears_`,
-    called by the engine's runners, as TurboMind converts weights for its kernels at
-    load); checkpoints keep the shared layout (`quantized()` gives it back)."""
+    CPU (R = its vector width, 16 with AVX-512; C = 1): the kernel's lanes are rows, so in
+    the shared layout it loads R rows separately and transposes them in registers; in tiles
+    a vector is one load. Same sums in the same order, 1.3-1.7x faster on the default
+    model's shapes. CUDA (R = 16, C = 16): a warp reads 512 contiguous bytes of a block's
+    tile where the shared layout gives it 64 bytes from each of 8 rows; same sums too.
+    (R, C) depends on the machine, so this is a runtime layout, made where the model runs
+    (`quant.tile_w4a16_linears_`, called by the engine's runners, as TurboMind converts
+    weights for its kernels at load); checkpoints keep the shared layout (`quantized()`
+    gives it back)."""
 
-    def __init__(self, linear: W4A16Linear, rows: int):
+    def __init__(self, linear: W4A16Linear, rows: int, cols: int = 1):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.w_bits, self.group_size, self.rows = linear.w_bits, linear.group_size, rows
+        self.w_bits, self.group_size, self.rows, self.cols = linear.w_bits, linear.group_size, rows, cols
         tile = kernels.reference.tile_rows
-        self.register_buffer("qtiles", tile(linear.qweight, rows))
+        self.register_buffer("qtiles", tile(linear.qweight, rows, cols))
         self.register_buffer("stiles", tile(linear.scales, rows))
         self.register_buffer("ztiles", tile(linear.zeros, rows))
 
     def untiled(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(qweight, scales, zeros) in the shared layout."""
-        untile = kernels.reference.untile_rows
-        return tuple(untile(t, self.out_features) for t in (self.qtiles, self.stiles, self.ztiles))
+        return kernels.reference.untile_w4a16(self.qtiles, self.stiles, self.ztiles, self.out_features)
 
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """As W4A16Linear.quantized: what `to_awq` packs."""
@@ -104,11 +106,13 @@ class W4A16TiledLinear(nn.Module):
         return kernels.w4a16_linear_tiled(x, self.qtiles, self.stiles, self.ztiles, self.out_features)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.silu_and_mul(self(x))
+        """As W4A16Linear.silu_and_mul (fused on a GPU)."""
+        return kernels.w4a16_silu_and_mul_tiled(x, self.qtiles, self.stiles, self.ztiles, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"w_bits={self.w_bits}, group_size={self.group_size}, tiles of {self.rows} rows")
+                f"w_bits={self.w_bits}, group_size={self.group_size}, "
+                f"tiles of {self.rows} rows x {self.cols} words")
 
 
 class Int8Linear(nn.Module):

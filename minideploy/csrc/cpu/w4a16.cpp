@@ -7,7 +7,7 @@
 //   gemv(x [M,K]) -> x @ w^T [M,N] in x's dtype, accumulated in float32
 //   dequantize()  -> w [N,K] in scales' dtype, rounded exactly like the reference
 //   gemv_tiled()  -> gemv of the same tensors in this CPU's tiles of kTile rows
-//                    (reference.tile_rows; kTile = tile_rows()): no transpose, 1.6x faster
+//                    (reference.tile_rows; (kTile, 1) = tile_shape()): no transpose, 1.6x faster
 //
 // Why this kernel: a decode step reads every weight once and does two flops per
 // weight, so it should run at the speed memory delivers weights, and int4
@@ -50,6 +50,7 @@
 #include <cstring>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "simd.h"
@@ -228,7 +229,7 @@ void check_tiled_args(const char* op, const at::Tensor& qtiles, const at::Tensor
                       const at::Tensor& ztiles, int64_t n, const at::Tensor& x) {
   TORCH_CHECK(qtiles.scalar_type() == at::kInt && qtiles.dim() == 3 && qtiles.size(2) == kTile, op,
               ": qtiles must be 3-D int32 [tiles, in_features / 8, ", kTile, "] (this CPU's tiles of ",
-              kTile, " rows), got ", dtype_name(qtiles.scalar_type()), " ", shape(qtiles));
+              kTile, " rows, 1 word wide), got ", dtype_name(qtiles.scalar_type()), " ", shape(qtiles));
   const int64_t tiles = qtiles.size(0), k = qtiles.size(1) * kPack;
   TORCH_CHECK(n > 0 && (n + kTile - 1) / kTile == tiles, op, ": out_features=", n, " needs ",
               (std::max<int64_t>(n, 0) + kTile - 1) / kTile, " tiles of ", kTile, " rows, qtiles has ", tiles);
@@ -523,7 +524,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_tiled", &gemv_tiled,
         "gemv over the same weight in this CPU's tiles of rows (reference.tile_rows)", py::arg("x"),
         py::arg("qtiles"), py::arg("stiles"), py::arg("ztiles"), py::arg("out_features"));
-  m.def("tile_rows", [] { return kTile; }, "rows per tile: the lanes of this build's vectors");
+  m.def("tile_shape", [] { return std::make_tuple(kTile, 1); },
+        "(rows, words) of a tile (reference.tile_rows): rows are the lanes of this build's vectors");
   m.def("dequantize", &dequantize, "the float weight [N, K] of a W4A16 linear (CPU)",
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"));
 }

@@ -486,6 +486,36 @@ __device__ __forceinline__ T silu_mul(float gate_sum, float up_sum) {
   return W4<T>::from_float(__fmul_rn(to_float(bits_as<uint16_t>(s), tag), u));
 }
 
+// Where the v2 kernel finds a row's chunks (in 16-byte units) and its groups' scales and
+// zeros (in elements), in either layout:
+//   rows:  qweight [N, K / 8], scales [N, groups] (AutoAWQ's, shared by every device);
+//   tiles: qtiles = reference.tile_rows(qweight, 16, 16) [N / 16, K / 128, 16 x 16 words],
+//          stiles = reference.tile_rows(scales, 16) [N / 16, groups, 16]: a block's k-step
+//          (16 rows x 4 chunks) is 1 KB in one piece, so one warp load reads 512 contiguous
+//          bytes (8 rows x 64) instead of 64 bytes from each of 8 rows K / 2 bytes apart.
+//          Chunk c = 4s + q of tile row r sits at ((t * K / 128 + s) * 16 + r) * 4 + q.
+// A lane of quad position tid only reads chunks c = tid (mod 4): the tile offset of chunk c
+// is 16 (c - tid) + tid from the row's chunk 0.
+struct WeightLayout {
+  bool tiles;
+  __device__ __forceinline__ unsigned chunk0(int row, int chunks) const {
+    return tiles ? (row / kTileRows) * chunks * kTileRows + (row % kTileRows) * kStepChunks
+                 : static_cast<unsigned>(row) * chunks;
+  }
+  __device__ __forceinline__ unsigned chunk(unsigned c, int tid) const {
+    return tiles ? kTileRows * (c - tid) + tid : c;
+  }
+  // The chunk a lane reads again for a k-step past K (then multiplied by x = 0).
+  __device__ __forceinline__ unsigned last_chunk(int chunks, int tid) const {
+    return tiles ? chunks - kStepChunks + tid : chunks - 1;
+  }
+  __device__ __forceinline__ unsigned group0(int row, int groups) const {
+    return tiles ? (row / kTileRows) * groups * kTileRows + row % kTileRows
+                 : static_cast<unsigned>(row) * groups;
+  }
+  __device__ __forceinline__ unsigned group(unsigned g) const { return tiles ? kTileRows * g : g; }
+};
+
 // kGated: the weight is SwiGLU's [gate | up] (N = 2I rows) and the block writes
 // silu(gate) * up [M, I]: its tile rows gid are gate rows 8b + gid, rows gid + 8 the up
 // rows of the same features I + 8b + gid, so both halves of a feature meet in the
@@ -495,7 +525,7 @@ __global__ void __launch_bounds__(kWarps* kWarpSize, kMinB)
     w4a16_gemv_v2_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight,
                          const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
                          T* __restrict__ out, int m_size, int n_size, int k_size, int groups,
-                         uint64_t group_magic) {
+                         uint64_t group_magic, WeightLayout layout) {
   using T2 = typename W4<T>::T2;
   constexpr int kStride = kWarps * kStepChunks;
   const int warp = threadIdx.x / kWarpSize;
@@ -511,9 +541,10 @@ __global__ void __launch_bounds__(kWarps* kWarpSize, kMinB)
   for (int r = 0; r < 2; ++r) {
     const int row = kGated ? r * features + feature0 + gid : row0 + gid + 8 * r;
     row_ok[r] = kGated ? feature0 + gid < features : row < n_size;
-    w_row[r] = static_cast<unsigned>(min(row, n_size - 1)) * chunks;
-    sz_row[r] = static_cast<unsigned>(min(row, n_size - 1)) * groups;
+    w_row[r] = layout.chunk0(min(row, n_size - 1), chunks);
+    sz_row[r] = layout.group0(min(row, n_size - 1), groups);
   }
+  const unsigned last_chunk = layout.last_chunk(chunks, tid);
   unsigned x_row[kTokenTiles];
 #pragma unroll
   for (int tt = 0; tt < kTokenTiles; ++tt) {
@@ -536,11 +567,11 @@ __global__ void __launch_bounds__(kWarps* kWarpSize, kMinB)
 #pragma unroll
     for (int f = 0; f < kSteps; ++f) {
       const bool in_k = c0 + f * kStride < chunks;
-      const unsigned c = min(c0 + f * kStride, chunks - 1);
-      const unsigned group = divide(c, group_magic);
+      const unsigned c = min(static_cast<unsigned>(c0 + f * kStride), last_chunk);
+      const unsigned group = layout.group(divide(c, group_magic));
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        wq[f][r] = load_streaming(qweight + (w_row[r] + c));
+        wq[f][r] = load_streaming(qweight + (w_row[r] + layout.chunk(c, tid)));
         const uint16_t s = __ldg(scales + (sz_row[r] + group));
         // Scaled after the mma, a lane's scale multiplies its whole quad's k-step:
         // only rows past N get 0 (x = 0 past K zeroes those products instead).
@@ -744,39 +775,48 @@ void check_cuda(const char* op, const char* arg, const at::Tensor& t) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// The checks both layouts share, with their argument names (reference._check_groups_and_x):
+// scales and zeros of groups along in_features = k (shape_ok: scales has the layout's
+// shape, described by `want`), contiguity, then x [tokens, k] if given; then what the
+// CUDA kernels add: the device, and sizes that index with int.
+void check_groups_and_x(const char* op, const char* const (&names)[3], const at::Tensor& packed,
+                        const at::Tensor& scales, const at::Tensor& zeros, int64_t k, bool shape_ok,
+                        const std::string& want, const at::Tensor* x) {
+  check_float(op, names[1], scales);
+  const int64_t groups = scales.dim() >= 2 ? scales.size(1) : 0;
+  TORCH_CHECK(shape_ok && groups > 0 && k % groups == 0, op, ": ", names[1], " must have shape ", want,
+              " with groups dividing in_features=", k, ", got ", shape_str(scales));
+  const int64_t group = k / groups;
+  TORCH_CHECK(group % kGroupMultiple == 0, op, ": group size ", group, " (in_features ", k, " / ",
+              groups, " groups) must be a multiple of ", kGroupMultiple);
+  check_like(op, names[2], zeros, names[1], scales);
+  TORCH_CHECK(zeros.sizes() == scales.sizes(), op, ": ", names[2], " must have the shape of ", names[1],
+              " ", shape_str(scales), ", got ", shape_str(zeros));
+  TORCH_CHECK(packed.device() == scales.device(), op, ": ", names[0], " must be on ", names[1],
+              "' device ", scales.device(), ", got ", packed.device());
+  check_contiguous(op, names[0], packed);
+  check_contiguous(op, names[1], scales);
+  check_contiguous(op, names[2], zeros);
+  if (x != nullptr) {
+    check_like(op, "x", *x, names[1], scales);
+    TORCH_CHECK(x->dim() == 2 && x->size(1) == k, op, ": x must be 2-D [tokens, in_features=", k,
+                "], got shape ", shape_str(*x));
+    check_contiguous(op, "x", *x);
+  }
+  check_cuda(op, names[0], packed);
+  TORCH_CHECK(packed.numel() / 4 <= INT32_MAX && k <= INT32_MAX, op, ": ", names[0],
+              " must hold fewer than 2^31 rows of in_features below 2^31, got ", shape_str(packed));
+}
+
 void check_w4a16_args(const char* op, const at::Tensor& qweight, const at::Tensor& scales,
                       const at::Tensor& zeros, const at::Tensor* x) {
   TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.dim() == 2, op,
               ": qweight must be 2-D int32 [out_features, in_features / 8], got ",
               dtype_name(qweight.scalar_type()), " ", shape_str(qweight));
   const int64_t n = qweight.size(0), k = qweight.size(1) * kWordK;
-  check_float(op, "scales", scales);
-  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == n && scales.size(1) != 0 &&
-                  k % scales.size(1) == 0,
-              op, ": scales must have shape [out_features=", n,
-              ", groups] with groups dividing in_features=", k, ", got ", shape_str(scales));
-  const int64_t group = k / scales.size(1);
-  TORCH_CHECK(group % kGroupMultiple == 0, op, ": group size ", group, " (in_features ", k, " / ",
-              scales.size(1), " groups) must be a multiple of ", kGroupMultiple);
-  check_like(op, "zeros", zeros, "scales", scales);
-  TORCH_CHECK(zeros.sizes() == scales.sizes(), op, ": zeros must have the shape of scales ",
-              shape_str(scales), ", got ", shape_str(zeros));
-  TORCH_CHECK(qweight.device() == scales.device(), op, ": qweight must be on scales' device ",
-              scales.device(), ", got ", qweight.device());
-  check_contiguous(op, "qweight", qweight);
-  check_contiguous(op, "scales", scales);
-  check_contiguous(op, "zeros", zeros);
-  if (x != nullptr) {
-    check_like(op, "x", *x, "scales", scales);
-    TORCH_CHECK(x->dim() == 2 && x->size(1) == k, op, ": x must be 2-D [tokens, in_features=", k,
-                "], got shape ", shape_str(*x));
-    check_contiguous(op, "x", *x);
-  }
-  // What the CUDA kernels add: the device, and sizes that index with int.
-  check_cuda(op, "qweight", qweight);
-  TORCH_CHECK(n <= INT32_MAX && k <= INT32_MAX, op,
-              ": out_features and in_features must be below 2^31, got qweight ",
-              shape_str(qweight));
+  check_groups_and_x(op, {"qweight", "scales", "zeros"}, qweight, scales, zeros, k,
+                     scales.dim() == 2 && scales.size(0) == n,
+                     "[out_features=" + std::to_string(n) + ", groups]", x);
 }
 
 // ---------------------------------------------------------------------------
@@ -867,10 +907,12 @@ void launch_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// n: out_features (qweight's rows, or the rows the tiles hold).
 template <typename T, int kTokenTiles, int kSteps, int kMinB, bool kGated>
 void launch_gemv_v2(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                    const at::Tensor& zeros, at::Tensor& out, cudaStream_t stream, bool scale_after) {
-  const int m = static_cast<int>(x.size(0)), n = static_cast<int>(qweight.size(0));
+                    const at::Tensor& zeros, int n, WeightLayout layout, at::Tensor& out,
+                    cudaStream_t stream, bool scale_after) {
+  const int m = static_cast<int>(x.size(0));
   const int k = static_cast<int>(x.size(1)), groups = static_cast<int>(scales.size(1));
   const uint64_t chunks_per_group = k / groups / kChunk;
   const uint64_t group_magic = ((uint64_t{1} << kDivShift) + chunks_per_group - 1) / chunks_per_group;
@@ -884,34 +926,74 @@ void launch_gemv_v2(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   if (scale_after) {
     minideploy::launch(w4a16_gemv_v2_kernel<T, kTokenTiles, kSteps, true, kMinB, kGated>, grid,
                        block, 0, stream,
-        xp, qp, sp, zp, op, m, n, k, groups, group_magic);
+        xp, qp, sp, zp, op, m, n, k, groups, group_magic, layout);
   } else {
     minideploy::launch(w4a16_gemv_v2_kernel<T, kTokenTiles, kSteps, false, kMinB, kGated>, grid,
                        block, 0, stream,
-        xp, qp, sp, zp, op, m, n, k, groups, group_magic);
+        xp, qp, sp, zp, op, m, n, k, groups, group_magic, layout);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, bool kGated>
 void launch_gemv_version(int version, const at::Tensor& x, const at::Tensor& qweight,
-                         const at::Tensor& scales, const at::Tensor& zeros, at::Tensor& out,
-                         cudaStream_t stream) {
+                         const at::Tensor& scales, const at::Tensor& zeros, int n,
+                         WeightLayout layout, at::Tensor& out, cudaStream_t stream) {
   if (version == 1) return launch_gemv<T>(x, qweight, scales, zeros, out, stream);
   const bool after = (x.size(1) / scales.size(1)) % (kStepChunks * kChunk) == 0;
   if (x.size(0) > kTileTokens) {  // two token tiles: one k-step in flight, 3 blocks an SM
-    return launch_gemv_v2<T, 2, 1, 3, kGated>(x, qweight, scales, zeros, out, stream, after);
+    return launch_gemv_v2<T, 2, 1, 3, kGated>(x, qweight, scales, zeros, n, layout, out, stream, after);
   }
   // One token tile. When every block is resident at once (N <= 32 rows per SM, e.g.
   // 4096 on an H100) a warp has few k-steps: issue 4 at a time (2 blocks an SM);
   // with several waves of blocks, 2 (3 blocks an SM) keep more warps busy.
-  const int64_t blocks = (qweight.size(0) + kTileRows - 1) / kTileRows;
+  const int64_t blocks = (n + kTileRows - 1) / kTileRows;
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()));
   if (blocks <= 2 * sms) {
-    return launch_gemv_v2<T, 1, 4, 2, kGated>(x, qweight, scales, zeros, out, stream, after);
+    return launch_gemv_v2<T, 1, 4, 2, kGated>(x, qweight, scales, zeros, n, layout, out, stream, after);
   }
-  return launch_gemv_v2<T, 1, 2, 3, kGated>(x, qweight, scales, zeros, out, stream, after);
+  return launch_gemv_v2<T, 1, 2, 3, kGated>(x, qweight, scales, zeros, n, layout, out, stream, after);
+}
+
+// The checks of both layouts past their shapes; n is out_features.
+void check_gemv_call(const char* op, const at::Tensor& x, int64_t n, int64_t version, bool gated) {
+  TORCH_CHECK(version == 1 || version == 2, op, ": version must be 1 or 2, got ", version);
+  TORCH_CHECK(!gated || version == 2, op, ": the gated GEMV is version 2 only, got version ", version);
+  TORCH_CHECK(!gated || n % 2 == 0, op,
+              ": a [gate | up] weight has an even number of rows (out_features), got ", n);
+  TORCH_CHECK(x.size(0) <= kMaxTokens, op, ": the CUDA GEMV takes x with at most ", kMaxTokens,
+              " rows (tokens), got shape ", shape_str(x));
+  TORCH_CHECK(aligned16(x.data_ptr()), op,
+              ": x must be 16-byte aligned for the CUDA GEMV (a view at an odd offset is not; call .clone())");
+}
+
+// The float path (float32, GPUs without m16n8k16, offsets past 32 bits): dequantize + matmul.
+at::Tensor gemv_by_matmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                          const at::Tensor& zeros, bool gated) {
+  const auto y = at::linear(x, dequantize_checked(qweight, scales, zeros));
+  if (!gated) return y;
+  const auto halves = y.chunk(2, -1);  // reference.silu_and_mul's ops
+  return at::silu(halves[0]) * halves[1];
+}
+
+// After the checks: out [M, n or n / 2] from either layout (qweight, scales, zeros hold it).
+at::Tensor gemv_checked(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                        const at::Tensor& zeros, int64_t n, WeightLayout layout, int64_t version,
+                        bool gated) {
+  auto out = at::empty({x.size(0), n / (gated ? 2 : 1)}, x.options());
+  if (out.numel() == 0) return out;
+  if (x.size(1) == 0) return out.zero_();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int v = static_cast<int>(version), rows = static_cast<int>(n);
+  if (x.scalar_type() == at::kHalf) {
+    gated ? launch_gemv_version<__half, true>(v, x, qweight, scales, zeros, rows, layout, out, stream)
+          : launch_gemv_version<__half, false>(v, x, qweight, scales, zeros, rows, layout, out, stream);
+  } else {
+    gated ? launch_gemv_version<__nv_bfloat16, true>(v, x, qweight, scales, zeros, rows, layout, out, stream)
+          : launch_gemv_version<__nv_bfloat16, false>(v, x, qweight, scales, zeros, rows, layout, out, stream);
+  }
+  return out;
 }
 
 // gated: silu(gate) * up [M, N / 2] of the [gate | up] weight (kGated above; version 2).
@@ -919,37 +1001,54 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor
                 const at::Tensor& zeros, int64_t version, bool gated) {
   const char* op = gated ? "w4a16_silu_and_mul" : "w4a16_linear";
   check_w4a16_args(op, qweight, scales, zeros, &x);
-  TORCH_CHECK(version == 1 || version == 2, op, ": version must be 1 or 2, got ", version);
-  TORCH_CHECK(!gated || version == 2, op, ": the gated GEMV is version 2 only, got version ", version);
-  TORCH_CHECK(!gated || qweight.size(0) % 2 == 0, op,
-              ": a [gate | up] weight has an even number of rows (out_features), got qweight ",
-              shape_str(qweight));
-  TORCH_CHECK(x.size(0) <= kMaxTokens, op, ": the CUDA GEMV takes x with at most ", kMaxTokens,
-              " rows (tokens), got shape ", shape_str(x));
-  TORCH_CHECK(aligned16(x.data_ptr()) && aligned16(qweight.data_ptr()), op,
-              ": x and qweight must be 16-byte aligned for the CUDA GEMV (a view at an odd offset "
-              "is not; call .clone())");
+  check_gemv_call(op, x, qweight.size(0), version, gated);
+  TORCH_CHECK(aligned16(qweight.data_ptr()), op, ": qweight must be 16-byte aligned for the CUDA GEMV");
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto type = x.scalar_type();
-  if (type == at::kFloat || !has_mma_16816(x.device()) || !offsets_fit(x, qweight, scales)) {
-    const auto y = at::linear(x, dequantize_checked(qweight, scales, zeros));
-    if (!gated) return y;
-    const auto halves = y.chunk(2, -1);  // reference.silu_and_mul's ops
-    return at::silu(halves[0]) * halves[1];
+  if (x.scalar_type() == at::kFloat || !has_mma_16816(x.device()) || !offsets_fit(x, qweight, scales)) {
+    return gemv_by_matmul(x, qweight, scales, zeros, gated);
   }
-  auto out = at::empty({x.size(0), qweight.size(0) / (gated ? 2 : 1)}, x.options());
-  if (out.numel() == 0) return out;
-  if (x.size(1) == 0) return out.zero_();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int v = static_cast<int>(version);
-  if (type == at::kHalf) {
-    gated ? launch_gemv_version<__half, true>(v, x, qweight, scales, zeros, out, stream)
-          : launch_gemv_version<__half, false>(v, x, qweight, scales, zeros, out, stream);
-  } else {
-    gated ? launch_gemv_version<__nv_bfloat16, true>(v, x, qweight, scales, zeros, out, stream)
-          : launch_gemv_version<__nv_bfloat16, false>(v, x, qweight, scales, zeros, out, stream);
+  return gemv_checked(x, qweight, scales, zeros, qweight.size(0), WeightLayout{false}, version, gated);
+}
+
+// The tiles version 2 reads (WeightLayout): 16 rows of 16 words.
+constexpr int kTileWords = 16;
+
+// reference.untile_rows: [tiles, C / words, rows * words] -> the first n rows [n, C].
+at::Tensor untile_rows(const at::Tensor& tiles, int64_t n, int64_t rows) {
+  return tiles.view({tiles.size(0), tiles.size(1), rows, -1}).transpose(1, 2)
+      .reshape({tiles.size(0) * rows, -1}).narrow(0, 0, n).contiguous();
+}
+
+// The messages of reference.check_w4a16_tiled_args, for this kernel's tiles.
+void check_w4a16_tiled_args(const char* op, const at::Tensor& qtiles, const at::Tensor& stiles,
+                            const at::Tensor& ztiles, int64_t n, const at::Tensor& x) {
+  TORCH_CHECK(qtiles.scalar_type() == at::kInt && qtiles.dim() == 3 &&
+                  qtiles.size(2) == kTileRows * kTileWords,
+              op, ": qtiles must be 3-D int32 [tiles, in_features / ", kTileWords * kWordK, ", ",
+              kTileRows * kTileWords, "] (the CUDA kernel's tiles of ", kTileRows, " rows, ", kTileWords,
+              " words wide), got ", dtype_name(qtiles.scalar_type()), " ", shape_str(qtiles));
+  const int64_t tiles = qtiles.size(0), k = qtiles.size(1) * kTileWords * kWordK;
+  TORCH_CHECK(n > 0 && (n + kTileRows - 1) / kTileRows == tiles, op, ": out_features=", n, " needs ",
+              (std::max<int64_t>(n, 0) + kTileRows - 1) / kTileRows, " tiles of ", kTileRows,
+              " rows, qtiles has ", tiles);
+  check_groups_and_x(op, {"qtiles", "stiles", "ztiles"}, qtiles, stiles, ztiles, k,
+                     stiles.dim() == 3 && stiles.size(0) == tiles && stiles.size(2) == kTileRows,
+                     "[tiles=" + std::to_string(tiles) + ", groups, " + std::to_string(kTileRows) + "]", &x);
+}
+
+at::Tensor gemv_tiled(const at::Tensor& x, const at::Tensor& qtiles, const at::Tensor& stiles,
+                      const at::Tensor& ztiles, int64_t n, bool gated) {
+  const char* op = gated ? "w4a16_silu_and_mul_tiled" : "w4a16_linear_tiled";
+  check_w4a16_tiled_args(op, qtiles, stiles, ztiles, n, x);
+  check_gemv_call(op, x, n, 2, gated);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t padded = qtiles.size(0) * kTileRows;  // offsets reach the last tile's end
+  if (x.scalar_type() == at::kFloat || !has_mma_16816(x.device()) ||
+      !offsets_fit(x, qtiles.view({padded, -1}), stiles.view({padded, -1}))) {
+    return gemv_by_matmul(x, untile_rows(qtiles, n, kTileRows), untile_rows(stiles, n, kTileRows),
+                          untile_rows(ztiles, n, kTileRows), gated);
   }
-  return out;
+  return gemv_checked(x, qtiles, stiles, ztiles, n, WeightLayout{true}, 2, gated);
 }
 
 }  // namespace
@@ -960,6 +1059,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(see the header); gated: silu(gate) * up of a [gate | up] weight instead",
         py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("version") = 2,
         py::arg("gated") = false);
+  m.def("gemv_tiled", &gemv_tiled, "gemv (version 2) of the same weight in this kernel's tiles of "
+        "16 rows x 16 words (reference.tile_rows); out_features n; gated as in gemv",
+        py::arg("x"), py::arg("qtiles"), py::arg("stiles"), py::arg("ztiles"), py::arg("out_features"),
+        py::arg("gated") = false);
+  m.def("tile_shape", [] { return std::make_tuple(kTileRows, kTileWords); },
+        "(rows, words) of the tiles gemv_tiled reads");
   m.def("dequantize", &dequantize, "the float weight [N, K] of a W4A16 linear (CUDA)",
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"));
 }
