@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import minideploy as md
 from minideploy.engine.detokenizer import IncrementalDetokenizer
-from minideploy.engine.sampling import SamplingState, filter_top_k_top_p, sample
+from minideploy.engine.sampling import SamplingState, filter_top_k_top_p, greedy_tokens, sample
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +20,22 @@ def pipe():
 
 def states(*configs, stop=()):
     return [SamplingState(c, set(stop), torch.device("cpu")) for c in configs]
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 4), vocab=st.integers(1, 50), seed=st.integers(0, 2**16),
+       specials=st.lists(st.sampled_from([float("nan"), float("inf"), float("-inf"), 0.0]), max_size=6),
+       dtype=st.sampled_from([torch.float32, torch.float16]), stride=st.integers(1, 2))
+def test_greedy_tokens_are_torchs_argmax(rows, vocab, seed, specials, dtype, stride):
+    """NumPy's argmax on float32 CPU logits (the fast path) picks what torch's does: the first
+    maximum, NaN counting as the maximum, ties and infinities included; strided rows too."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randint(-3, 3, (rows, vocab * stride), generator=gen).float()  # many ties
+    for i, value in enumerate(specials):
+        logits.view(-1)[(i * 7919 + seed) % logits.numel()] = value
+    logits = logits.to(dtype)[:, ::stride]
+    out = greedy_tokens(logits)
+    assert out.dtype == torch.int64 and torch.equal(out, logits.argmax(-1))
 
 
 def test_greedy_rows_take_argmax_and_sampled_rows_follow_their_seed():

@@ -151,6 +151,12 @@ class PagedKVCache:
             self.k = torch.zeros(*shape, config.head_dim, dtype=dtype, device=device)
             self.v = torch.zeros(*shape, config.head_dim, dtype=dtype, device=device)
             self.k_params = self.v_params = None
+        # Each layer's (K, V) and kernel parameters, made once (as KVCache.layers).
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
+        self.layer_params = [{}] * config.num_layers  # float cache: the kernels take no parameters
+        if self.k_params is not None:
+            self.layer_params = [{"k_params": kp, "v_params": vp}
+                                 for kp, vp in zip(self.k_params.unbind(0), self.v_params.unbind(0))]
         self.key_rotation = self.key_shift = self.key_means = None
         if quant_policy:
             # The model stores k @ R - key_shift = (k - mean) @ R (see the module docstring).
@@ -179,10 +185,6 @@ class PagedKVCache:
         return {"num_blocks": self.num_blocks, "block_size": self.block_size, "dtype": self.dtype,
                 "quant_policy": self.quant_policy, "key_means": self.key_means}
 
-    def _params(self, layer: int) -> dict:
-        if self.k_params is None:
-            return {}
-        return {"k_params": self.k_params[layer], "v_params": self.v_params[layer]}
 
     def prepare(self, ctx):
         """The model runner fills slots, block tables and context lengths from the block manager."""
@@ -193,14 +195,14 @@ class PagedKVCache:
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, ctx) -> None:
         """Write k, v [num_tokens, num_kv_heads, head_dim] into `ctx.slots` (quantizing if asked)."""
-        kernels.store_kv(k, v, self.k[layer], self.v[layer], ctx.slots, **self._params(layer))
+        kernels.store_kv(k, v, *self.layers[layer], ctx.slots, **self.layer_params[layer])
 
     def blocks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[layer], self.v[layer]
+        return self.layers[layer]
 
     def attention_params(self, layer: int) -> dict:
         """Extra arguments decode attention needs for this layer (the quantization parameters)."""
-        return self._params(layer)
+        return self.layer_params[layer]
 
     def sequences_keys_values(self, layer: int, block_tables: torch.Tensor, kv_lens: tuple[int, ...],
                               which: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

