@@ -99,15 +99,13 @@
 //    11008 -> 4096: 19.7 -> 25.4 us). Every kernel of a decode step now launches that way
 //    (launch.cuh), the GEMVs with launch_dependents after their main loop: in a whole
 //    7B decode step it is worth 7-9% (launch.cuh has the numbers).
-// A lead, measured and not yet built (2026-11-26, H100, graph replay with PDL, three
-// interleaved rounds of 10): the same kernel reading a tile-contiguous layout, where a
-// block's 16 rows are stored k-step by k-step (rows, then the quad's 4 chunks: one warp
-// load reads 512 contiguous bytes instead of 64 from each of 8 rows) and scales and zeros
-// [tile][group][16 rows], ran 5-12% faster at 1 token (4096 -> 22016: 21.1 -> 19.3 us,
-// 76% -> 83% of copy bandwidth; 4096 -> 4096: 5.5 -> 4.9 us) and 7-19% at 16, about
-// 0.14 ms of a 7B W4A16 decode step. It needs a repacking of AutoAWQ's layout at load time
-// (as TurboMind converts weights to its own), kept out of export and sharding.
-//
+// Tiles (WeightLayout below, reference.tile_rows): version 2 also reads the weight rearranged
+// at load (as TurboMind converts weights to its own layout) so that a block's k-step of 16 rows
+// is 1 KB in one piece: a warp load reads 512 contiguous bytes instead of 64 from each of 8
+// rows. Same sums, other addresses. H100 at f937bc1 (figures/w4a16_h100.json), 1 token,
+// replayed: 59% / 71% / 72% / 75% / 80% of the read bandwidth against 53% / 65% / 66% / 68% /
+// 73% in rows, 3.2-3.7x cuBLAS fp16; 16 tokens 34-47% against 29-42%. 7B W4A16 decode at
+// batch 1 (figures/decode_h100.json): 434.6 -> 458.6 tok/s.
 // Fragments (mma.cuh has their layout): a product sums over its 16 k slots in any order, so
 // the slots may stand for any 16 k as long as A and B agree: lane (gid, tid)
 // loads chunk 4s+tid of rows gid and gid+8 in k-step s (32 weights each), and
