@@ -103,11 +103,18 @@ class W4A16TiledLinear(nn.Module):
         return quantized_values(*self.untiled())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.w4a16_linear_tiled(x, self.qtiles, self.stiles, self.ztiles, self.out_features)
+        return kernels.w4a16_linear_tiled(x, *self.tiles(), self.out_features)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """As W4A16Linear.silu_and_mul (fused on a GPU)."""
-        return kernels.w4a16_silu_and_mul_tiled(x, self.qtiles, self.stiles, self.ztiles, self.out_features)
+        return kernels.w4a16_silu_and_mul_tiled(x, *self.tiles(), self.out_features)
+
+    def tiles(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(qtiles, stiles, ztiles), read from the buffer dict: nn.Module's attribute lookup
+        costs ~0.8 us a buffer on a small CPU, and a CPU decode step of the default model
+        makes 120 of these calls (in-process A/B: 9.8 -> 9.2 ms a step)."""
+        buffers = self._buffers
+        return buffers["qtiles"], buffers["stiles"], buffers["ztiles"]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
