@@ -170,12 +170,15 @@ def chain_weights():
     return [random_weight(n, k, 128, seed=i) for i, (k, n) in enumerate(zip(CHAIN_SIZES, CHAIN_SIZES[1:]))]
 
 
-@cuda_only
-def test_cuda_gated_gemv_rejects_an_odd_number_of_rows():
-    qweight, scales, zeros = random_weight(7, 96, 32, torch.float16, "cuda")
-    x = torch.randn(1, 96, dtype=torch.float16, device="cuda")
+@pytest.mark.parametrize("device", DEVICES)
+def test_gated_gemv_rejects_an_odd_number_of_rows(device):
+    qweight, scales, zeros = random_weight(7, 96, 32, torch.float16, device)
+    x = torch.randn(1, 96, dtype=torch.float16, device=device)
     with pytest.raises(RuntimeError, match="even number of rows"):
         kernels.w4a16_silu_and_mul(x, qweight, scales, zeros)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="w4a16_silu_and_mul_tiled: a .gate . up. weight has an even"):
+            kernels.w4a16_silu_and_mul_tiled(x, *cpu_tiles(qweight, scales, zeros), 7)
 
 
 @cuda_only
@@ -383,6 +386,9 @@ def test_cpu_tiled_linear_is_the_row_layouts_bit_for_bit(tokens, n, k, group):
         out = kernels.w4a16_linear_tiled(x, *cpu_tiles(qweight, scales, zeros), n)
         assert torch.equal(out, kernels.w4a16_linear(x, qweight, scales, zeros))
         assert_matches(out, x, qweight, scales, zeros)
+        if n % 2 == 0:  # as a [gate | up] weight: the gated call, the same bits as the two ops
+            gated = kernels.w4a16_silu_and_mul_tiled(x, *cpu_tiles(qweight, scales, zeros), n)
+            assert torch.equal(gated, kernels.silu_and_mul(out))
 
 
 @pytest.mark.parametrize("rows,cols", [(8, 1), (16, 1), (16, 16), (4, 2)])

@@ -210,13 +210,14 @@ def w4a16_silu_and_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                        zeros: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of a W4A16 [gate | up] linear: x [tokens, K] -> [tokens, out / 2].
 
-    On a GPU the GEMV computes it in its epilogue (a block holds 8 gate rows and their 8
-    up rows): one kernel a layer fewer, and no [tokens, out] intermediate. Elsewhere, and
-    above the GEMV's token bound, w4a16_linear then silu_and_mul; the same roundings."""
+    The GEMV computes it in its epilogue: on a GPU a block holds 8 gate rows and their 8
+    up rows (one kernel a layer fewer, and no [tokens, out] intermediate); on a CPU the
+    call applies silu_and_mul's loop to its output (one call a layer fewer). Above the
+    GEMV's token bound, w4a16_linear then silu_and_mul; the same roundings everywhere."""
     ext = _extension(W4A16, x.device)
     if ext is None:
         return reference.w4a16_silu_and_mul(x, qweight, scales, zeros)
-    if x.dim() == 2 and _w4a16_chunks_fit(x):
+    if x.dim() == 2 and (x.shape[0] <= W4A16_GEMV_MAX_TOKENS or _w4a16_chunks_fit(x)):
         return _w4a16_gemv(ext.gemv, x, qweight, scales, zeros, gated=True)
     return silu_and_mul(w4a16_linear(x, qweight, scales, zeros))
 
@@ -256,11 +257,11 @@ def w4a16_linear_tiled(x: torch.Tensor, qtiles: torch.Tensor, stiles: torch.Tens
 
 def w4a16_silu_and_mul_tiled(x: torch.Tensor, qtiles: torch.Tensor, stiles: torch.Tensor,
                              ztiles: torch.Tensor, out_features: int) -> torch.Tensor:
-    """`w4a16_silu_and_mul` of a [gate | up] weight in the kernel's tiles (fused on a GPU)."""
+    """`w4a16_silu_and_mul` of a [gate | up] weight in the kernel's tiles."""
     ext = _extension(W4A16, x.device)
     if ext is None:
         return reference.w4a16_silu_and_mul_tiled(x, qtiles, stiles, ztiles, out_features)
-    if x.dim() == 2 and _w4a16_chunks_fit(x):
+    if x.dim() == 2 and (x.shape[0] <= W4A16_GEMV_MAX_TOKENS or _w4a16_chunks_fit(x)):
         return _w4a16_gemv(ext.gemv_tiled, x, qtiles, stiles, ztiles, out_features, gated=True)
     return silu_and_mul(w4a16_linear_tiled(x, qtiles, stiles, ztiles, out_features))
 

@@ -63,7 +63,7 @@ class W4A16Linear(nn.Module):
         return kernels.w4a16_linear(x, self.qweight, self.scales, self.zeros)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up of this [gate | up] linear's output, fused on a GPU (no forward hooks)."""
+        """silu(gate) * up of this [gate | up] linear's output, fused into the GEMV call (no forward hooks)."""
         return kernels.w4a16_silu_and_mul(x, self.qweight, self.scales, self.zeros)
 
     def extra_repr(self) -> str:
@@ -106,7 +106,7 @@ class W4A16TiledLinear(nn.Module):
         return kernels.w4a16_linear_tiled(x, *self.tiles(), self.out_features)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """As W4A16Linear.silu_and_mul (fused on a GPU)."""
+        """As W4A16Linear.silu_and_mul (fused into the GEMV call)."""
         return kernels.w4a16_silu_and_mul_tiled(x, *self.tiles(), self.out_features)
 
     def tiles(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

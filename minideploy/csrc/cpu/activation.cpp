@@ -10,7 +10,7 @@
 // Why this kernel: the MLP's activation is elementwise and memory-bound; torch
 // spends two passes and an intermediate tensor on it (silu, then mul). One pass
 // reads gate and up once and writes the product, taking e^-gate 8 at a time
-// (vec8.h's exp8: libm's expf, one call per element, made the pass compute-bound:
+// (swiglu.h, vec8.h's exp8: libm's expf, one call per element, made the pass compute-bound:
 // 0.55 s of a 10 s prefill of 4608 tokens of the default model on 2 cores).
 // Rows are split over OpenMP threads only when there are enough of them to pay
 // for waking the threads.
@@ -23,20 +23,11 @@
 #include <cstdint>
 #include <string>
 
-#include "vec8.h"
+#include "swiglu.h"
 
 namespace {
 
-using namespace vec8;
-
 constexpr int64_t kMinTaskElements = 1 << 15;
-
-// 8 elements rounded to scalar_t and back (a no-op for float).
-template <typename scalar_t>
-inline float8 rounded(float8 v) {
-  for (int j = 0; j < kLanes; ++j) v[j] = static_cast<float>(static_cast<scalar_t>(v[j]));
-  return v;
-}
 
 template <typename scalar_t>
 void silu_and_mul_impl(const scalar_t* gate_up, scalar_t* out, int64_t num_tokens, int64_t width) {
@@ -44,19 +35,7 @@ void silu_and_mul_impl(const scalar_t* gate_up, scalar_t* out, int64_t num_token
   at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const scalar_t* gate = gate_up + t * 2 * width;
-      const scalar_t* up = gate + width;
-      scalar_t* o = out + t * width;
-      int64_t i = 0;
-      for (; i + kLanes <= width; i += kLanes) {  // 8 at a time, e^-g by exp8
-        const float8 g = to_float8(gate + i);
-        const float8 product = rounded<scalar_t>(g / (1.0f + exp8(-g))) * to_float8(up + i);
-        for (int j = 0; j < kLanes; ++j) o[i + j] = static_cast<scalar_t>(product[j]);
-      }
-      for (; i < width; ++i) {
-        const float g = static_cast<float>(gate[i]);
-        const scalar_t s = static_cast<scalar_t>(g / (1.0f + std::exp(-g)));
-        o[i] = static_cast<scalar_t>(static_cast<float>(s) * static_cast<float>(up[i]));
-      }
+      swiglu::silu_mul_row(gate, gate + width, out + t * width, width);
     }
   });
 }

@@ -8,6 +8,9 @@
 //   dequantize()  -> w [N,K] in scales' dtype, rounded exactly like the reference
 //   gemv_tiled()  -> gemv of the same tensors in this CPU's tiles of kTile rows
 //                    (reference.tile_rows; (kTile, 1) = tile_shape()): no transpose, 1.6x faster
+//   gated: both return silu(gate) * up [M, N/2] of a [gate | up] weight instead (swiglu.h,
+//          activation.cpp's loop: the same bits as the GEMV followed by silu_and_mul, one
+//          call fewer a layer)
 //
 // Why this kernel: a decode step reads every weight once and does two flops per
 // weight, so it should run at the speed memory delivers weights, and int4
@@ -54,6 +57,7 @@
 #include <vector>
 
 #include "simd.h"
+#include "swiglu.h"
 
 namespace {
 
@@ -431,9 +435,29 @@ bool gemv_impl(const scalar_t* x, scalar_t* out, int64_t m_size, int64_t n_size,
 
 at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros);
 
-at::Tensor gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                const at::Tensor& zeros) {
-  check_args("w4a16_linear", qweight, scales, zeros, &x);
+// silu(gate) * up [M, N / 2] of a [gate | up] output y [M, N].
+at::Tensor silu_mul_halves(const at::Tensor& y) {
+  const int64_t m = y.size(0), width = y.size(1) / 2;
+  auto out = at::empty({m, width}, y.options());
+  AT_DISPATCH_SWITCH(y.scalar_type(), "w4a16_silu_and_mul", W4A16_FLOAT_CASES([&] {
+    for (int64_t t = 0; t < m; ++t) {
+      const scalar_t* row = y.data_ptr<scalar_t>() + t * 2 * width;
+      swiglu::silu_mul_row(row, row + width, out.data_ptr<scalar_t>() + t * width, width);
+    }
+  }));
+  return out;
+}
+
+// The op a call reports in its errors; a gated call needs an even number of rows.
+const char* gemv_op(bool gated, int64_t n, const char* plain, const char* gated_op) {
+  TORCH_CHECK(!gated || n % 2 == 0, gated_op,
+              ": a [gate | up] weight has an even number of rows (out_features), got ", n);
+  return gated ? gated_op : plain;
+}
+
+at::Tensor gemv_ungated(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                        const at::Tensor& zeros, const char* op) {
+  check_args(op, qweight, scales, zeros, &x);
   const int64_t m = x.size(0), n = qweight.size(0), k = x.size(1);
   auto out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
@@ -456,9 +480,17 @@ at::Tensor untile_rows(const at::Tensor& tiles, int64_t n) {
   return tiles.transpose(1, 2).reshape({-1, tiles.size(1)}).narrow(0, 0, n).contiguous();
 }
 
-at::Tensor gemv_tiled(const at::Tensor& x, const at::Tensor& qtiles, const at::Tensor& stiles,
-                      const at::Tensor& ztiles, int64_t n) {
-  check_tiled_args("w4a16_linear_tiled", qtiles, stiles, ztiles, n, x);
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                const at::Tensor& zeros, bool gated) {
+  const char* op = gemv_op(gated, qweight.dim() == 2 ? qweight.size(0) : 0, "w4a16_linear",
+                           "w4a16_silu_and_mul");
+  const auto y = gemv_ungated(x, qweight, scales, zeros, op);
+  return gated ? silu_mul_halves(y) : y;
+}
+
+at::Tensor gemv_tiled_ungated(const at::Tensor& x, const at::Tensor& qtiles, const at::Tensor& stiles,
+                              const at::Tensor& ztiles, int64_t n, const char* op) {
+  check_tiled_args(op, qtiles, stiles, ztiles, n, x);
   const int64_t m = x.size(0), k = x.size(1);
   auto out = at::empty({m, n}, x.options());
   if (m == 0) return out;
@@ -471,6 +503,13 @@ at::Tensor gemv_tiled(const at::Tensor& x, const at::Tensor& qtiles, const at::T
   }));
   if (done) return out;
   return at::linear(x, dequantize(untile_rows(qtiles, n), untile_rows(stiles, n), untile_rows(ztiles, n)));
+}
+
+at::Tensor gemv_tiled(const at::Tensor& x, const at::Tensor& qtiles, const at::Tensor& stiles,
+                      const at::Tensor& ztiles, int64_t n, bool gated) {
+  const char* op = gemv_op(gated, n, "w4a16_linear_tiled", "w4a16_silu_and_mul_tiled");
+  const auto y = gemv_tiled_ungated(x, qtiles, stiles, ztiles, n, op);
+  return gated ? silu_mul_halves(y) : y;
 }
 
 // ---------------------------------------------------------------------------
@@ -519,11 +558,13 @@ at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scales, const
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "minideploy CPU kernels: W4A16 linear (int4 weights, float activations)";
-  m.def("gemv", &gemv, "x @ dequantize(qweight, scales, zeros)^T for a few rows of x (CPU)",
-        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"));
+  m.def("gemv", &gemv, "x @ dequantize(qweight, scales, zeros)^T for a few rows of x (CPU); gated: "
+        "silu(gate) * up of a [gate | up] weight instead",
+        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("gated") = false);
   m.def("gemv_tiled", &gemv_tiled,
         "gemv over the same weight in this CPU's tiles of rows (reference.tile_rows)", py::arg("x"),
-        py::arg("qtiles"), py::arg("stiles"), py::arg("ztiles"), py::arg("out_features"));
+        py::arg("qtiles"), py::arg("stiles"), py::arg("ztiles"), py::arg("out_features"),
+        py::arg("gated") = false);
   m.def("tile_shape", [] { return std::make_tuple(kTile, 1); },
         "(rows, words) of a tile (reference.tile_rows): rows are the lanes of this build's vectors");
   m.def("dequantize", &dequantize, "the float weight [N, K] of a W4A16 linear (CPU)",
