@@ -118,6 +118,41 @@ def test_rope_matches_reference(device, dtype, shape, pos_dtype):
     assert torch.equal(q, q_before) and torch.equal(k, k_before)
 
 
+def rope_store_kv_inputs(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device, pos_dtype=torch.int64,
+                         slot_dtype=torch.int64):
+    """qkv, positions, cos_sin, zeroed caches of 2 x 24 slots, and distinct slots (a third
+    of them -1: skipped)."""
+    q, k, positions, cos_sin = rope_inputs(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device, pos_dtype)
+    v = randn(num_tokens, num_kv_heads, head_dim, dtype=dtype, device=device)
+    qkv = torch.cat([t.reshape(num_tokens, -1) for t in (q, k, v)], dim=1)
+    k_cache = torch.zeros(2, 24 + num_tokens, num_kv_heads, head_dim, dtype=dtype, device=device)
+    slots = torch.randperm(k_cache.numel() // (num_kv_heads * head_dim))[:num_tokens]
+    slots[::3] = -1
+    return qkv, positions, cos_sin, k_cache, k_cache.clone(), slots.to(slot_dtype).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ROPE_SHAPES, ids=str)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=str)
+def test_rope_store_kv_matches_reference(device, dtype, shape, index_dtype):
+    """q, k and the caches bit for bit as reference.rope_store_kv (rope, then store_kv);
+    v a view of qkv; rows of skipped slots untouched."""
+    ext = compiled(device)
+    num_tokens, num_heads, num_kv_heads, _ = shape
+    qkv, positions, cos_sin, k_cache, v_cache, slots = rope_store_kv_inputs(*shape, dtype, device, index_dtype,
+                                                                            index_dtype)
+    qkv_before, ref_k_cache, ref_v_cache = qkv.clone(), k_cache.clone(), v_cache.clone()
+    q, k, v = ext.rope_store_kv(qkv, num_heads, num_kv_heads, positions, cos_sin, k_cache, v_cache, slots)
+    q_ref, k_ref, v_ref = reference.rope_store_kv(qkv, num_heads, num_kv_heads, positions, cos_sin,
+                                                  ref_k_cache, ref_v_cache, slots)
+    assert torch.equal(q, q_ref) and torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    assert torch.equal(k_cache, ref_k_cache) and torch.equal(v_cache, ref_v_cache)
+    assert v.data_ptr() == v_ref.data_ptr() and torch.equal(qkv, qkv_before)
+    written = int((slots >= 0).sum())
+    assert int(k_cache.flatten(0, 1).any(-1).any(-1).sum()) == written
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_public_api_dispatches_to_compiled(device):
     compiled(device)
@@ -214,6 +249,13 @@ def _rope(**override):
     return lambda: kernels.rope(**args)
 
 
+def _rope_store_kv(**override):
+    qkv, positions, cos_sin, k_cache, v_cache, slots = rope_store_kv_inputs(5, 9, 3, 64, torch.float32, "cpu")
+    args = dict(qkv=qkv, num_heads=9, num_kv_heads=3, positions=positions, cos_sin=cos_sin, k_cache=k_cache,
+                v_cache=v_cache, slots=slots) | override
+    return lambda: kernels.rope_store_kv(**args)
+
+
 BAD_CALLS = {
     "x int": (_norm(x=torch.ones(4, 576, dtype=torch.int32)), "rms_norm: x must be float32"),
     "x 3-D": (_norm(x=randn(2, 4, 576)), "rms_norm: x must be 2-D"),
@@ -243,6 +285,23 @@ BAD_CALLS = {
     "cos_sin dtype": (_rope(cos_sin=randn(300, 64, dtype=torch.float16)),
                       "rope: cos_sin must be float32"),
     "cos_sin shape": (_rope(cos_sin=randn(300, 32)), "rope: cos_sin must have shape"),
+    "qkv 3-D": (_rope_store_kv(qkv=randn(5, 15, 64)), "rope_store_kv: qkv must be 2-D"),
+    "qkv width": (_rope_store_kv(num_kv_heads=2), "rope_store_kv: qkv's width 960 must be (num_heads=9"),
+    "qkv non-contiguous": (_rope_store_kv(qkv=randn(960, 5).t()), "rope_store_kv: qkv must be contiguous"),
+    "rope_store_kv positions": (_rope_store_kv(positions=torch.zeros(4, dtype=torch.int64)),
+                                "rope_store_kv: positions must have shape [num_tokens]=[5], got [4]"),
+    "rope_store_kv positions range": (_rope_store_kv(positions=torch.tensor([0, 1, 2, 3, MAX_POSITIONS])),
+                                      "rope_store_kv: positions must lie in [0, 257)"),
+    "k_cache dtype": (_rope_store_kv(k_cache=torch.zeros(2, 29, 3, 64, dtype=torch.float16)),
+                      "rope_store_kv: k_cache must have the dtype of qkv (float32), got float16"),
+    "k_cache shape": (_rope_store_kv(k_cache=torch.zeros(2, 29, 3, 32)), "rope_store_kv: k_cache must have shape"),
+    "v_cache shape": (_rope_store_kv(v_cache=torch.zeros(2, 28, 3, 64)),
+                      "rope_store_kv: v_cache must have the shape of k_cache"),
+    "slots dtype": (_rope_store_kv(slots=torch.zeros(5)), "rope_store_kv: slots must be int64 (or int32), got float32"),
+    "slots shape": (_rope_store_kv(slots=torch.zeros(6, dtype=torch.int64)),
+                    "rope_store_kv: slots must have shape [num_tokens]=[5], got [6]"),
+    "slots range": (_rope_store_kv(slots=torch.tensor([0, 1, 2, 3, 58])),
+                    "rope_store_kv: slots must be < num_slots=58 (or negative: skip), got 58"),
 }
 
 

@@ -80,17 +80,23 @@ def check_rope_args(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         _fail(f"{op}: k must have shape [num_tokens, num_kv_heads, head_dim]="
               f"[{q.shape[0]},*,{head_dim}], got {_shape(k)}")
     _check_contiguous(op, "k", k)
+    _check_positions(op, "q", q, positions, cos_sin, head_dim)
+
+
+def _check_positions(op: str, ref_arg: str, ref: torch.Tensor, positions: torch.Tensor,
+                     cos_sin: torch.Tensor, head_dim: int) -> None:
+    """positions [num_tokens] and cos_sin [max_positions, head_dim] for the rows of `ref`."""
     if positions.dtype not in POSITION_DTYPES:
         _fail(f"{op}: positions must be int64 (or int32), got {dtype_name(positions.dtype)}")
-    if positions.device != q.device:
-        _fail(f"{op}: positions must be on q's device {q.device}, got {positions.device}")
-    if positions.dim() != 1 or positions.shape[0] != q.shape[0]:
-        _fail(f"{op}: positions must have shape [num_tokens]=[{q.shape[0]}], got {_shape(positions)}")
+    if positions.device != ref.device:
+        _fail(f"{op}: positions must be on {ref_arg}'s device {ref.device}, got {positions.device}")
+    if positions.dim() != 1 or positions.shape[0] != ref.shape[0]:
+        _fail(f"{op}: positions must have shape [num_tokens]=[{ref.shape[0]}], got {_shape(positions)}")
     _check_contiguous(op, "positions", positions)
     if cos_sin.dtype != torch.float32:
         _fail(f"{op}: cos_sin must be float32, got {dtype_name(cos_sin.dtype)}")
-    if cos_sin.device != q.device:
-        _fail(f"{op}: cos_sin must be on q's device {q.device}, got {cos_sin.device}")
+    if cos_sin.device != ref.device:
+        _fail(f"{op}: cos_sin must be on {ref_arg}'s device {ref.device}, got {cos_sin.device}")
     if cos_sin.dim() != 2 or cos_sin.shape[1] != head_dim:
         _fail(f"{op}: cos_sin must have shape [max_positions, head_dim]=[*,{head_dim}], "
               f"got {_shape(cos_sin)}")
@@ -158,6 +164,51 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     check_rope_args(q, k, positions, cos_sin)
     cos, sin = cos_sin[positions.long()].unsqueeze(1).chunk(2, dim=-1)  # [num_tokens, 1, head_dim // 2]
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def check_rope_store_kv_args(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, positions: torch.Tensor,
+                             cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             slots: torch.Tensor) -> int:
+    """The input contract of rope_store_kv; returns head_dim."""
+    op = "rope_store_kv"
+    _check_float(op, "qkv", qkv)
+    if qkv.dim() != 2:
+        _fail(f"{op}: qkv must be 2-D [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim], "
+              f"got shape {_shape(qkv)}")
+    heads = num_heads + 2 * num_kv_heads
+    if num_heads <= 0 or num_kv_heads <= 0 or qkv.shape[1] % heads or qkv.shape[1] // heads % 2:
+        _fail(f"{op}: qkv's width {qkv.shape[1]} must be (num_heads={num_heads} + 2 * "
+              f"num_kv_heads={num_kv_heads}) * an even head_dim")
+    _check_contiguous(op, "qkv", qkv)
+    head_dim = qkv.shape[1] // heads
+    _check_positions(op, "qkv", qkv, positions, cos_sin, head_dim)
+    _check_like(op, "k_cache", k_cache, "qkv", qkv)
+    if k_cache.dim() < 3 or tuple(k_cache.shape[-2:]) != (num_kv_heads, head_dim):
+        _fail(f"{op}: k_cache must have shape [..., num_slots, num_kv_heads, head_dim]="
+              f"[...,*,{num_kv_heads},{head_dim}], got {_shape(k_cache)}")
+    _check_contiguous(op, "k_cache", k_cache)
+    _check_like(op, "v_cache", v_cache, "k_cache", k_cache)
+    if v_cache.shape != k_cache.shape:
+        _fail(f"{op}: v_cache must have the shape of k_cache {_shape(k_cache)}, got {_shape(v_cache)}")
+    _check_contiguous(op, "v_cache", v_cache)
+    _check_slots(op, "qkv", qkv, slots, k_cache.numel() // (num_kv_heads * head_dim))
+    return head_dim
+
+
+def rope_store_kv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, positions: torch.Tensor,
+                  cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention's step after the qkv projection, for a float cache: qkv [num_tokens,
+    (num_heads + 2 num_kv_heads) head_dim] -> (q, k) rotated by `rope` ([num_tokens, heads,
+    head_dim], new tensors) and v (a view of qkv); k and v written to the cache slots as
+    `store_kv` writes them (slots[i] < 0: skipped)."""
+    head_dim = check_rope_store_kv_args(qkv, num_heads, num_kv_heads, positions, cos_sin, k_cache, v_cache, slots)
+    q, k, v = qkv.split_with_sizes([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+    q, k = rope(q.reshape(-1, num_heads, head_dim).contiguous(), k.reshape(-1, num_kv_heads, head_dim).contiguous(),
+                positions, cos_sin)
+    v = v.view(-1, num_kv_heads, head_dim)
+    store_kv(k, v, k_cache, v_cache, slots)
+    return q, k, v
 
 
 # --- W4A16: int4 weights, float activations (chapter 3) --------------------------------
@@ -496,20 +547,24 @@ def check_store_kv_args(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     _check_contiguous(op, "v_cache", v_cache)
     if bits:
         _check_kv_params(op, "k", k, k_cache, k_params, v_params)
+    _check_slots(op, "k", k, slots, k_cache.numel() // max(1, k.shape[1] * width))
+    return bits
+
+
+def _check_slots(op: str, ref_arg: str, ref: torch.Tensor, slots: torch.Tensor, num_slots: int) -> None:
+    """slots [num_tokens] for the rows of `ref`, each < num_slots (or negative: skipped)."""
     if slots.dtype not in SLOT_DTYPES:
         _fail(f"{op}: slots must be int64 (or int32), got {dtype_name(slots.dtype)}")
-    if slots.device != k.device:
-        _fail(f"{op}: slots must be on k's device {k.device}, got {slots.device}")
-    if slots.dim() != 1 or slots.shape[0] != k.shape[0]:
-        _fail(f"{op}: slots must have shape [num_tokens]=[{k.shape[0]}], got {_shape(slots)}")
+    if slots.device != ref.device:
+        _fail(f"{op}: slots must be on {ref_arg}'s device {ref.device}, got {slots.device}")
+    if slots.dim() != 1 or slots.shape[0] != ref.shape[0]:
+        _fail(f"{op}: slots must have shape [num_tokens]=[{ref.shape[0]}], got {_shape(slots)}")
     _check_contiguous(op, "slots", slots)
     # A GPU check would synchronise: there, out-of-range slots are skipped instead.
     if slots.device.type == "cpu" and slots.numel() > 0:
-        num_slots = k_cache.numel() // max(1, k.shape[1] * width)
         bad = slots[slots >= num_slots]
         if bad.numel():
             _fail(f"{op}: slots must be < num_slots={num_slots} (or negative: skip), got {int(bad[0])}")
-    return bits
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -107,13 +107,6 @@ class KVCache:
             fill["context_lens"] = (positions[:, -1] + 1).to(torch.int32)
         return dataclasses.replace(ctx, **fill)
 
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> None:
-        """Write k, v [num_tokens, num_kv_heads, head_dim] into the slots `ctx.slots` (one kernel)."""
-        if ctx.slots is None:
-            raise ValueError("ForwardContext has no slots: pass it through KVCache.prepare first "
-                             "(LlamaModel.forward does)")
-        kernels.store_kv(k, v, *self.layers[layer], ctx.slots)
-
     def blocks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's K and V as [num_blocks, block_size, num_kv_heads, head_dim]: a row is a block."""
         return self.layers[layer]
@@ -197,16 +190,20 @@ class Attention(nn.Module):
         the decode-attention kernel, which reads each sequence's length instead of a mask."""
         c = self.config
         batch, seq = ctx.positions.shape
-        # split_with_sizes, not Tensor.split: its Python wrapper costs 5 us a call on a small CPU.
-        q, k, v = self.qkv(x).split_with_sizes([c.q_size, c.kv_size, c.kv_size], dim=-1)
-        q = q.reshape(-1, c.num_heads, c.head_dim).contiguous()  # [num_tokens, num_heads, head_dim]
-        k = k.reshape(-1, c.num_kv_heads, c.head_dim).contiguous()
-        q, k = kernels.rope(q, k, ctx.positions.reshape(-1), cos_sin)
-        if cache.key_rotation is not None:  # quantized caches: softmax(q.k) is unchanged (PagedKVCache)
+        qkv = self.qkv(x)
+        if cache.key_rotation is None:  # a float cache: RoPE and the cache write in one kernel
+            # q, k [num_tokens, heads, head_dim] rotated; v a strided view of qkv.
+            q, k, v = kernels.rope_store_kv(qkv, c.num_heads, c.num_kv_heads, ctx.positions.reshape(-1),
+                                            cos_sin, *cache.blocks(self.layer), ctx.slots)
+        else:  # quantized caches: softmax(q.k) is unchanged by the rotation (PagedKVCache)
+            # split_with_sizes, not Tensor.split: its Python wrapper costs 5 us a call on a small CPU.
+            q, k, v = qkv.split_with_sizes([c.q_size, c.kv_size, c.kv_size], dim=-1)
+            q, k = kernels.rope(q.reshape(-1, c.num_heads, c.head_dim).contiguous(),
+                                k.reshape(-1, c.num_kv_heads, c.head_dim).contiguous(),
+                                ctx.positions.reshape(-1), cos_sin)
             q, k = q @ cache.key_rotation, k @ cache.key_rotation - cache.key_shift[self.layer]
-        # v stays a strided view of the qkv output: store_kv reads rows with any stride.
-        v = v.view(-1, c.num_kv_heads, c.head_dim)
-        cache.store(self.layer, k, v, ctx)
+            v = v.view(-1, c.num_kv_heads, c.head_dim)  # store_kv reads rows with any stride
+            cache.store(self.layer, k, v, ctx)
         if ctx.query_lens is not None:  # ragged prefill: each sequence over its own keys
             out = ragged_attention(q, k, v, cache, self.layer, ctx, gqa=c.num_heads != c.num_kv_heads)
             return self.o(out.reshape(-1, c.q_size))

@@ -10,6 +10,12 @@
 //       k [num_tokens, num_kv_heads, head_dim], positions [num_tokens] int64/int32,
 //       cos_sin [max_positions, head_dim] f32 = [cos | sin] halves.
 //       With x1 = x[:d/2], x2 = x[d/2:]:  out1 = x1*cos - x2*sin, out2 = x2*cos + x1*sin
+//   rope_store_kv(qkv, num_heads, num_kv_heads, positions, cos_sin, k_cache, v_cache, slots):
+//       q, k, v = the heads of qkv [num_tokens, (num_heads + 2 num_kv_heads) * head_dim];
+//       (q, k) = rope(q, k, ...), and k, v written to the cache slots as store_kv writes
+//       them (slots[i] < 0: skipped); returns (q, k, v), v a view of qkv. The step after
+//       the qkv projection in one call: on a CPU the split, reshapes and two calls it
+//       replaces cost ~10 us a layer of Python.
 // All tensors are contiguous and row-major; outputs are new tensors.
 //
 // Why this design: both ops are memory-bound (a few flops per byte), so the
@@ -26,6 +32,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 namespace {
@@ -112,30 +119,46 @@ inline void rope_heads(const scalar_t* in, scalar_t* out, int64_t num_heads, int
   }
 }
 
-template <typename scalar_t, typename pos_t>
-void rope_impl(const scalar_t* q, const scalar_t* k, const pos_t* positions, const float* cos_sin,
-               scalar_t* q_out, scalar_t* k_out, int64_t num_tokens, int64_t num_heads,
-               int64_t num_kv_heads, int64_t head_dim) {
-  const int64_t half = head_dim / 2;
+// Besides its outputs, rope_impl may write each token's rotated k and its v row to the
+// cache slot slots[t] (rope_store_kv); k_cache null: nothing (rope).
+template <typename scalar_t, typename slot_t>
+struct CacheWrite {
+  scalar_t* k_cache = nullptr;
+  scalar_t* v_cache = nullptr;
+  const scalar_t* v = nullptr;
+  int64_t v_stride = 0;  // elements between the v rows of two tokens
+  const slot_t* slots = nullptr;
+};
+
+// q_stride, k_stride: elements between two tokens' rows of q and k (each row contiguous).
+template <typename scalar_t, typename pos_t, typename slot_t>
+void rope_impl(const scalar_t* q, int64_t q_stride, const scalar_t* k, int64_t k_stride,
+               const pos_t* positions, const float* cos_sin, scalar_t* q_out, scalar_t* k_out,
+               int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+               const CacheWrite<scalar_t, slot_t>& write) {
+  const int64_t half = head_dim / 2, kv_row = num_kv_heads * head_dim;
   const int64_t work = num_tokens * (num_heads + num_kv_heads) * head_dim;
 #pragma omp parallel for if (work >= kParallelThreshold && num_tokens > 1)
   for (int64_t t = 0; t < num_tokens; ++t) {
     const float* cos = cos_sin + static_cast<int64_t>(positions[t]) * head_dim;
     const float* sin = cos + half;
-    rope_heads(q + t * num_heads * head_dim, q_out + t * num_heads * head_dim, num_heads, half, cos,
-               sin);
-    rope_heads(k + t * num_kv_heads * head_dim, k_out + t * num_kv_heads * head_dim, num_kv_heads,
-               half, cos, sin);
+    rope_heads(q + t * q_stride, q_out + t * num_heads * head_dim, num_heads, half, cos, sin);
+    rope_heads(k + t * k_stride, k_out + t * kv_row, num_kv_heads, half, cos, sin);
+    if (write.k_cache != nullptr && write.slots[t] >= 0) {
+      const int64_t slot = static_cast<int64_t>(write.slots[t]);
+      std::memcpy(write.k_cache + slot * kv_row, k_out + t * kv_row, kv_row * sizeof(scalar_t));
+      std::memcpy(write.v_cache + slot * kv_row, write.v + t * write.v_stride, kv_row * sizeof(scalar_t));
+    }
   }
 }
 
 // Positions are checked before the parallel loop: an exception must never
 // leave an OpenMP region.
 template <typename pos_t>
-void check_positions_range(const pos_t* positions, int64_t n, int64_t max_positions) {
+void check_positions_range(const char* op, const pos_t* positions, int64_t n, int64_t max_positions) {
   for (int64_t t = 0; t < n; ++t) {
     const int64_t p = static_cast<int64_t>(positions[t]);
-    TORCH_CHECK(p >= 0 && p < max_positions, "rope: positions must lie in [0, ", max_positions,
+    TORCH_CHECK(p >= 0 && p < max_positions, op, ": positions must lie in [0, ", max_positions,
                 ") (the rows of cos_sin), got ", p);
   }
 }
@@ -240,6 +263,48 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
   return {out, sum};
 }
 
+// positions [num_tokens] and cos_sin [max_positions, head_dim] for the rows of `ref`
+// (reference._check_positions), values checked later, before any parallel loop.
+void check_positions(const char* op, const char* ref_arg, const at::Tensor& ref,
+                     const at::Tensor& positions, const at::Tensor& cos_sin, int64_t head_dim) {
+  const auto pos_type = positions.scalar_type();
+  TORCH_CHECK(pos_type == at::kLong || pos_type == at::kInt, op,
+              ": positions must be int64 (or int32), got ", dtype_name(pos_type));
+  TORCH_CHECK(positions.device() == ref.device(), op, ": positions must be on ", ref_arg, "'s device ",
+              ref.device(), ", got ", positions.device());
+  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == ref.size(0), op,
+              ": positions must have shape [num_tokens]=[", ref.size(0), "], got ", shape_str(positions));
+  check_contiguous(op, "positions", positions);
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat, op, ": cos_sin must be float32, got ",
+              dtype_name(cos_sin.scalar_type()));
+  TORCH_CHECK(cos_sin.device() == ref.device(), op, ": cos_sin must be on ", ref_arg, "'s device ",
+              ref.device(), ", got ", cos_sin.device());
+  TORCH_CHECK(cos_sin.dim() == 2 && cos_sin.size(1) == head_dim, op,
+              ": cos_sin must have shape [max_positions, head_dim]=[*,", head_dim, "], got ",
+              shape_str(cos_sin));
+  check_contiguous(op, "cos_sin", cos_sin);
+}
+
+// rope_impl over q and k with the given token strides, positions of either integer type.
+template <typename scalar_t, typename slot_t>
+void run_rope(const char* op, const at::Tensor& positions, const at::Tensor& cos_sin, const scalar_t* q,
+              int64_t q_stride, const scalar_t* k, int64_t k_stride, at::Tensor& q_out, at::Tensor& k_out,
+              const CacheWrite<scalar_t, slot_t>& write) {
+  auto run = [&](auto pos_tag) {
+    using pos_t = decltype(pos_tag);
+    const pos_t* pos = positions.data_ptr<pos_t>();
+    check_positions_range(op, pos, q_out.size(0), cos_sin.size(0));
+    rope_impl<scalar_t, pos_t, slot_t>(q, q_stride, k, k_stride, pos, cos_sin.data_ptr<float>(),
+                                       q_out.data_ptr<scalar_t>(), k_out.data_ptr<scalar_t>(), q_out.size(0),
+                                       q_out.size(1), k_out.size(1), q_out.size(2), write);
+  };
+  if (positions.scalar_type() == at::kLong) {
+    run(int64_t{});
+  } else {
+    run(int32_t{});
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k,
                                         const at::Tensor& positions, const at::Tensor& cos_sin) {
   const char* op = "rope";
@@ -254,44 +319,77 @@ std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k
               ": k must have shape [num_tokens, num_kv_heads, head_dim]=[", num_tokens, ",*,",
               head_dim, "], got ", shape_str(k));
   check_contiguous(op, "k", k);
-  const auto pos_type = positions.scalar_type();
-  TORCH_CHECK(pos_type == at::kLong || pos_type == at::kInt, op,
-              ": positions must be int64 (or int32), got ", dtype_name(pos_type));
-  TORCH_CHECK(positions.device() == q.device(), op, ": positions must be on q's device ",
-              q.device(), ", got ", positions.device());
-  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == num_tokens, op,
-              ": positions must have shape [num_tokens]=[", num_tokens, "], got ",
-              shape_str(positions));
-  check_contiguous(op, "positions", positions);
-  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat, op, ": cos_sin must be float32, got ",
-              dtype_name(cos_sin.scalar_type()));
-  TORCH_CHECK(cos_sin.device() == q.device(), op, ": cos_sin must be on q's device ", q.device(),
-              ", got ", cos_sin.device());
-  TORCH_CHECK(cos_sin.dim() == 2 && cos_sin.size(1) == head_dim, op,
-              ": cos_sin must have shape [max_positions, head_dim]=[*,", head_dim, "], got ",
-              shape_str(cos_sin));
-  check_contiguous(op, "cos_sin", cos_sin);
+  check_positions(op, "q", q, positions, cos_sin, head_dim);
   check_cpu(op, "q", q);
 
   auto q_out = at::empty_like(q);
   auto k_out = at::empty_like(k);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "rope", [&] {
-    auto run = [&](auto pos_tag) {
-      using pos_t = decltype(pos_tag);
-      const pos_t* pos = positions.data_ptr<pos_t>();
-      check_positions_range(pos, num_tokens, cos_sin.size(0));
-      rope_impl<scalar_t, pos_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), pos,
-                                 cos_sin.data_ptr<float>(), q_out.data_ptr<scalar_t>(),
-                                 k_out.data_ptr<scalar_t>(), num_tokens, q.size(1), k.size(1),
-                                 head_dim);
+    run_rope<scalar_t, int64_t>(op, positions, cos_sin, q.data_ptr<scalar_t>(), q.size(1) * head_dim,
+                                k.data_ptr<scalar_t>(), k.size(1) * head_dim, q_out, k_out, {});
+  });
+  return {q_out, k_out};
+}
+
+// The messages of reference.check_rope_store_kv_args.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_store_kv(
+    const at::Tensor& qkv, int64_t num_heads, int64_t num_kv_heads, const at::Tensor& positions,
+    const at::Tensor& cos_sin, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots) {
+  const char* op = "rope_store_kv";
+  check_float(op, "qkv", qkv);
+  TORCH_CHECK(qkv.dim() == 2, op, ": qkv must be 2-D [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim], "
+              "got shape ", shape_str(qkv));
+  const int64_t heads = num_heads + 2 * num_kv_heads, width = qkv.size(1);
+  TORCH_CHECK(num_heads > 0 && num_kv_heads > 0 && width % heads == 0 && width / heads % 2 == 0, op,
+              ": qkv's width ", width, " must be (num_heads=", num_heads, " + 2 * num_kv_heads=",
+              num_kv_heads, ") * an even head_dim");
+  check_contiguous(op, "qkv", qkv);
+  const int64_t num_tokens = qkv.size(0), head_dim = width / heads, kv_row = num_kv_heads * head_dim;
+  check_positions(op, "qkv", qkv, positions, cos_sin, head_dim);
+  check_like(op, "k_cache", k_cache, "qkv", qkv);
+  TORCH_CHECK(k_cache.dim() >= 3 && k_cache.size(-2) == num_kv_heads && k_cache.size(-1) == head_dim, op,
+              ": k_cache must have shape [..., num_slots, num_kv_heads, head_dim]=[...,*,", num_kv_heads, ",",
+              head_dim, "], got ", shape_str(k_cache));
+  check_contiguous(op, "k_cache", k_cache);
+  check_like(op, "v_cache", v_cache, "k_cache", k_cache);
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have the shape of k_cache ",
+              shape_str(k_cache), ", got ", shape_str(v_cache));
+  check_contiguous(op, "v_cache", v_cache);
+  const auto slot_type = slots.scalar_type();
+  TORCH_CHECK(slot_type == at::kLong || slot_type == at::kInt, op, ": slots must be int64 (or int32), got ",
+              dtype_name(slot_type));
+  TORCH_CHECK(slots.device() == qkv.device(), op, ": slots must be on qkv's device ", qkv.device(), ", got ",
+              slots.device());
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == num_tokens, op, ": slots must have shape [num_tokens]=[",
+              num_tokens, "], got ", shape_str(slots));
+  check_contiguous(op, "slots", slots);
+  check_cpu(op, "qkv", qkv);
+  const int64_t num_slots = k_cache.numel() / kv_row;
+
+  auto q_out = at::empty({num_tokens, num_heads, head_dim}, qkv.options());
+  auto k_out = at::empty({num_tokens, num_kv_heads, head_dim}, qkv.options());
+  auto v = qkv.narrow(1, (num_heads + num_kv_heads) * head_dim, kv_row).view({num_tokens, num_kv_heads, head_dim});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "rope_store_kv", [&] {
+    auto run = [&](auto slot_tag) {
+      using slot_t = decltype(slot_tag);
+      const slot_t* slot = slots.data_ptr<slot_t>();
+      for (int64_t t = 0; t < num_tokens; ++t) {  // before the parallel loop: an error never leaves it
+        TORCH_CHECK(slot[t] < num_slots, op, ": slots must be < num_slots=", num_slots,
+                    " (or negative: skip), got ", static_cast<int64_t>(slot[t]));
+      }
+      const scalar_t* rows = qkv.data_ptr<scalar_t>();
+      const CacheWrite<scalar_t, slot_t> write{k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                                               v.data_ptr<scalar_t>(), width, slot};
+      run_rope<scalar_t, slot_t>(op, positions, cos_sin, rows, width, rows + num_heads * head_dim, width,
+                                 q_out, k_out, write);
     };
-    if (pos_type == at::kLong) {
+    if (slot_type == at::kLong) {
       run(int64_t{});
     } else {
       run(int32_t{});
     }
   });
-  return {q_out, k_out};
+  return {q_out, k_out, v};
 }
 
 }  // namespace
@@ -302,6 +400,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("eps"));
   m.def("add_rms_norm", &add_rms_norm, "s = x + residual; (rms_norm(s), s) (CPU)", py::arg("x"),
         py::arg("residual"), py::arg("weight"), py::arg("eps"));
+  m.def("rope_store_kv", &rope_store_kv, "rope of q and k in qkv, k and v written to cache slots (CPU)",
+        py::arg("qkv"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("positions"),
+        py::arg("cos_sin"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"));
   m.def("rope", &rope, "rotary embedding, rotate_half convention (CPU)", py::arg("q"),
         py::arg("k"), py::arg("positions"), py::arg("cos_sin"));
 }

@@ -10,6 +10,11 @@
 //       k [num_tokens, num_kv_heads, head_dim], positions [num_tokens] int64/int32,
 //       cos_sin [max_positions, head_dim] f32 = [cos | sin] halves.
 //       With x1 = x[:d/2], x2 = x[d/2:]:  out1 = x1*cos - x2*sin, out2 = x2*cos + x1*sin
+//   rope_store_kv(qkv, num_heads, num_kv_heads, positions, cos_sin, k_cache, v_cache, slots):
+//       q, k, v = the heads of qkv [num_tokens, (num_heads + 2 num_kv_heads) * head_dim];
+//       (q, k) = rope(q, k, ...), and k, v written to the cache slots as store_kv writes
+//       them (slots[i] < 0, or past the cache: skipped); returns (q, k, v), v a view of
+//       qkv. One kernel where rope and store_kv were two (a 7B W4A16 decode step has 32).
 // All tensors are contiguous and row-major; outputs are new tensors.
 //
 // Why this design: both ops are memory-bound, so the goal is to touch each
@@ -146,45 +151,83 @@ __global__ void rms_norm_kernel(const scalar_t* __restrict__ x,
   }
 }
 
-// One thread per (token, head, pair). Heads [0, num_heads) are q's,
-// [num_heads, num_heads + num_kv_heads) are k's.
-template <typename scalar_t, typename pos_t>
-__global__ void rope_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
+// Besides its outputs, rope_kernel may write each token's rotated k and its v row to the
+// cache slot slots[t] (rope_store_kv); k_cache null: nothing (rope).
+template <typename scalar_t, typename slot_t>
+struct CacheWrite {
+  scalar_t* k_cache = nullptr;
+  scalar_t* v_cache = nullptr;
+  const scalar_t* v = nullptr;
+  int64_t v_stride = 0;  // elements between the v rows of two tokens
+  const slot_t* slots = nullptr;
+  int64_t num_slots = 0;
+};
+
+// One thread per (token, head, pair). Heads [0, num_heads) are q's, then num_kv_heads of
+// k's, then (when writing the cache) num_kv_heads of v's, only copied. q_stride, k_stride:
+// elements between two tokens' rows (each row contiguous).
+template <typename scalar_t, typename pos_t, typename slot_t>
+__global__ void rope_kernel(const scalar_t* __restrict__ q, int64_t q_stride,
+                            const scalar_t* __restrict__ k, int64_t k_stride,
                             const pos_t* __restrict__ positions,
                             const float* __restrict__ cos_sin, scalar_t* __restrict__ q_out,
                             scalar_t* __restrict__ k_out, int64_t num_tokens, int num_heads,
-                            int num_kv_heads, int half, int64_t max_positions) {
+                            int num_kv_heads, int half, int64_t max_positions,
+                            CacheWrite<scalar_t, slot_t> write) {
   minideploy::let_next_start_then_wait();  // launch.cuh
-  const int heads = num_heads + num_kv_heads;
-  const int64_t total = num_tokens * heads * half;
+  const bool store = write.k_cache != nullptr;
+  const int heads = num_heads + num_kv_heads * (store ? 2 : 1);
+  const int64_t total = num_tokens * heads * half, kv_row = static_cast<int64_t>(num_kv_heads) * 2 * half;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int i = static_cast<int>(idx % half);
     const int64_t token_head = idx / half;
     const int head = static_cast<int>(token_head % heads);
     const int64_t t = token_head / heads;
-
-    const scalar_t* in;
-    scalar_t* out;
-    if (head < num_heads) {
-      in = q + (t * num_heads + head) * 2 * half;
-      out = q_out + (t * num_heads + head) * 2 * half;
-    } else {
-      in = k + (t * num_kv_heads + (head - num_heads)) * 2 * half;
-      out = k_out + (t * num_kv_heads + (head - num_heads)) * 2 * half;
+    int64_t slot = -1;
+    if (store) {
+      slot = static_cast<int64_t>(write.slots[t]);
+      if (slot >= write.num_slots) slot = -1;  // out of range: skipped (store_kv does the same)
     }
-    const int64_t pos = static_cast<int64_t>(positions[t]);
-    if (pos < 0 || pos >= max_positions) {
-      out[i] = static_cast<scalar_t>(CUDART_NAN_F);
-      out[i + half] = static_cast<scalar_t>(CUDART_NAN_F);
+    if (head >= num_heads + num_kv_heads) {  // a v head: copied into its slot
+      const int64_t col = static_cast<int64_t>(head - num_heads - num_kv_heads) * 2 * half;
+      if (slot >= 0) {
+        const scalar_t* in = write.v + t * write.v_stride + col;
+        write.v_cache[slot * kv_row + col + i] = in[i];
+        write.v_cache[slot * kv_row + col + i + half] = in[i + half];
+      }
       continue;
     }
-    const float c = cos_sin[pos * 2 * half + i];
-    const float s = cos_sin[pos * 2 * half + half + i];
-    const float a = static_cast<float>(in[i]);
-    const float b = static_cast<float>(in[i + half]);
-    out[i] = static_cast<scalar_t>(__fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s)));
-    out[i + half] = static_cast<scalar_t>(__fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s)));
+    const scalar_t* in;
+    scalar_t* out;
+    scalar_t* cached = nullptr;
+    if (head < num_heads) {
+      in = q + t * q_stride + static_cast<int64_t>(head) * 2 * half;
+      out = q_out + (t * num_heads + head) * 2 * half;
+    } else {
+      const int64_t col = static_cast<int64_t>(head - num_heads) * 2 * half;
+      in = k + t * k_stride + col;
+      out = k_out + t * kv_row + col;
+      if (slot >= 0) cached = write.k_cache + slot * kv_row + col;
+    }
+    const int64_t pos = static_cast<int64_t>(positions[t]);
+    scalar_t lo, hi;
+    if (pos < 0 || pos >= max_positions) {
+      lo = hi = static_cast<scalar_t>(CUDART_NAN_F);
+    } else {
+      const float c = cos_sin[pos * 2 * half + i];
+      const float s = cos_sin[pos * 2 * half + half + i];
+      const float a = static_cast<float>(in[i]);
+      const float b = static_cast<float>(in[i + half]);
+      lo = static_cast<scalar_t>(__fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s)));
+      hi = static_cast<scalar_t>(__fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s)));
+    }
+    out[i] = lo;
+    out[i + half] = hi;
+    if (cached != nullptr) {
+      cached[i] = lo;
+      cached[i + half] = hi;
+    }
   }
 }
 
@@ -317,6 +360,57 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
   return {out, sum};
 }
 
+// positions [num_tokens] and cos_sin [max_positions, head_dim] for the rows of `ref`
+// (reference._check_positions; their values are not checked: that would synchronise).
+void check_positions(const char* op, const char* ref_arg, const at::Tensor& ref,
+                     const at::Tensor& positions, const at::Tensor& cos_sin, int64_t head_dim) {
+  const auto pos_type = positions.scalar_type();
+  TORCH_CHECK(pos_type == at::kLong || pos_type == at::kInt, op,
+              ": positions must be int64 (or int32), got ", dtype_name(pos_type));
+  TORCH_CHECK(positions.device() == ref.device(), op, ": positions must be on ", ref_arg, "'s device ",
+              ref.device(), ", got ", positions.device());
+  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == ref.size(0), op,
+              ": positions must have shape [num_tokens]=[", ref.size(0), "], got ", shape_str(positions));
+  check_contiguous(op, "positions", positions);
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat, op, ": cos_sin must be float32, got ",
+              dtype_name(cos_sin.scalar_type()));
+  TORCH_CHECK(cos_sin.device() == ref.device(), op, ": cos_sin must be on ", ref_arg, "'s device ",
+              ref.device(), ", got ", cos_sin.device());
+  TORCH_CHECK(cos_sin.dim() == 2 && cos_sin.size(1) == head_dim, op,
+              ": cos_sin must have shape [max_positions, head_dim]=[*,", head_dim, "], got ",
+              shape_str(cos_sin));
+  check_contiguous(op, "cos_sin", cos_sin);
+}
+
+// rope_kernel over q and k with the given token strides, positions of either integer type.
+template <typename scalar_t, typename slot_t>
+void launch_rope(const at::Tensor& positions, const at::Tensor& cos_sin, const scalar_t* q, int64_t q_stride,
+                 const scalar_t* k, int64_t k_stride, at::Tensor& q_out, at::Tensor& k_out,
+                 const CacheWrite<scalar_t, slot_t>& write) {
+  const int64_t num_tokens = q_out.size(0), half = q_out.size(2) / 2;
+  const int64_t heads = q_out.size(1) + k_out.size(1) * (write.k_cache != nullptr ? 2 : 1);
+  const int64_t total = num_tokens * heads * half;
+  if (total == 0) return;
+  const c10::cuda::CUDAGuard guard(q_out.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  constexpr int kThreads = 256;
+  // A grid-stride loop: enough blocks to fill the GPU, never more than needed.
+  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 65535 * 8);
+  auto run = [&](auto pos_tag) {
+    using pos_t = decltype(pos_tag);
+    minideploy::launch(rope_kernel<scalar_t, pos_t, slot_t>, static_cast<unsigned>(blocks), kThreads, 0, stream,
+        q, q_stride, k, k_stride, positions.data_ptr<pos_t>(), cos_sin.data_ptr<float>(),
+        q_out.data_ptr<scalar_t>(), k_out.data_ptr<scalar_t>(), num_tokens, static_cast<int>(q_out.size(1)),
+        static_cast<int>(k_out.size(1)), static_cast<int>(half), cos_sin.size(0), write);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (positions.scalar_type() == at::kLong) {
+    run(int64_t{});
+  } else {
+    run(int32_t{});
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k,
                                         const at::Tensor& positions, const at::Tensor& cos_sin) {
   const char* op = "rope";
@@ -331,52 +425,74 @@ std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k
               ": k must have shape [num_tokens, num_kv_heads, head_dim]=[", num_tokens, ",*,",
               head_dim, "], got ", shape_str(k));
   check_contiguous(op, "k", k);
-  const auto pos_type = positions.scalar_type();
-  TORCH_CHECK(pos_type == at::kLong || pos_type == at::kInt, op,
-              ": positions must be int64 (or int32), got ", dtype_name(pos_type));
-  TORCH_CHECK(positions.device() == q.device(), op, ": positions must be on q's device ",
-              q.device(), ", got ", positions.device());
-  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == num_tokens, op,
-              ": positions must have shape [num_tokens]=[", num_tokens, "], got ",
-              shape_str(positions));
-  check_contiguous(op, "positions", positions);
-  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat, op, ": cos_sin must be float32, got ",
-              dtype_name(cos_sin.scalar_type()));
-  TORCH_CHECK(cos_sin.device() == q.device(), op, ": cos_sin must be on q's device ", q.device(),
-              ", got ", cos_sin.device());
-  TORCH_CHECK(cos_sin.dim() == 2 && cos_sin.size(1) == head_dim, op,
-              ": cos_sin must have shape [max_positions, head_dim]=[*,", head_dim, "], got ",
-              shape_str(cos_sin));
-  check_contiguous(op, "cos_sin", cos_sin);
+  check_positions(op, "q", q, positions, cos_sin, head_dim);
   check_cuda(op, "q", q);
 
   auto q_out = at::empty_like(q);
   auto k_out = at::empty_like(k);
-  const int64_t total = num_tokens * (q.size(1) + k.size(1)) * (head_dim / 2);
-  if (total == 0) return {q_out, k_out};
-
-  const c10::cuda::CUDAGuard guard(q.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  constexpr int kThreads = 256;
-  // A grid-stride loop: enough blocks to fill the GPU, never more than needed.
-  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 65535 * 8);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "rope", [&] {
-    auto run = [&](auto pos_tag) {
-      using pos_t = decltype(pos_tag);
-      minideploy::launch(rope_kernel<scalar_t, pos_t>, static_cast<unsigned>(blocks), kThreads, 0, stream,
-          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), positions.data_ptr<pos_t>(),
-          cos_sin.data_ptr<float>(), q_out.data_ptr<scalar_t>(), k_out.data_ptr<scalar_t>(),
-          num_tokens, static_cast<int>(q.size(1)), static_cast<int>(k.size(1)),
-          static_cast<int>(head_dim / 2), cos_sin.size(0));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_rope<scalar_t, int64_t>(positions, cos_sin, q.data_ptr<scalar_t>(), q.size(1) * head_dim,
+                                   k.data_ptr<scalar_t>(), k.size(1) * head_dim, q_out, k_out, {});
+  });
+  return {q_out, k_out};
+}
+
+// The messages of reference.check_rope_store_kv_args.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_store_kv(
+    const at::Tensor& qkv, int64_t num_heads, int64_t num_kv_heads, const at::Tensor& positions,
+    const at::Tensor& cos_sin, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots) {
+  const char* op = "rope_store_kv";
+  check_float(op, "qkv", qkv);
+  TORCH_CHECK(qkv.dim() == 2, op, ": qkv must be 2-D [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim], "
+              "got shape ", shape_str(qkv));
+  const int64_t heads = num_heads + 2 * num_kv_heads, width = qkv.size(1);
+  TORCH_CHECK(num_heads > 0 && num_kv_heads > 0 && width % heads == 0 && width / heads % 2 == 0, op,
+              ": qkv's width ", width, " must be (num_heads=", num_heads, " + 2 * num_kv_heads=",
+              num_kv_heads, ") * an even head_dim");
+  check_contiguous(op, "qkv", qkv);
+  const int64_t num_tokens = qkv.size(0), head_dim = width / heads, kv_row = num_kv_heads * head_dim;
+  check_positions(op, "qkv", qkv, positions, cos_sin, head_dim);
+  check_like(op, "k_cache", k_cache, "qkv", qkv);
+  TORCH_CHECK(k_cache.dim() >= 3 && k_cache.size(-2) == num_kv_heads && k_cache.size(-1) == head_dim, op,
+              ": k_cache must have shape [..., num_slots, num_kv_heads, head_dim]=[...,*,", num_kv_heads, ",",
+              head_dim, "], got ", shape_str(k_cache));
+  check_contiguous(op, "k_cache", k_cache);
+  check_like(op, "v_cache", v_cache, "k_cache", k_cache);
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have the shape of k_cache ",
+              shape_str(k_cache), ", got ", shape_str(v_cache));
+  check_contiguous(op, "v_cache", v_cache);
+  const auto slot_type = slots.scalar_type();
+  TORCH_CHECK(slot_type == at::kLong || slot_type == at::kInt, op, ": slots must be int64 (or int32), got ",
+              dtype_name(slot_type));
+  TORCH_CHECK(slots.device() == qkv.device(), op, ": slots must be on qkv's device ", qkv.device(), ", got ",
+              slots.device());
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == num_tokens, op, ": slots must have shape [num_tokens]=[",
+              num_tokens, "], got ", shape_str(slots));
+  check_contiguous(op, "slots", slots);
+  check_cuda(op, "qkv", qkv);
+  TORCH_CHECK(num_heads + 2 * num_kv_heads <= INT32_MAX && head_dim <= INT32_MAX, op,
+              ": qkv has too many heads for one launch");
+
+  auto q_out = at::empty({num_tokens, num_heads, head_dim}, qkv.options());
+  auto k_out = at::empty({num_tokens, num_kv_heads, head_dim}, qkv.options());
+  auto v = qkv.narrow(1, (num_heads + num_kv_heads) * head_dim, kv_row).view({num_tokens, num_kv_heads, head_dim});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "rope_store_kv", [&] {
+    const scalar_t* rows = qkv.data_ptr<scalar_t>();
+    auto run = [&](auto slot_tag) {
+      using slot_t = decltype(slot_tag);
+      const CacheWrite<scalar_t, slot_t> write{k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                                               v.data_ptr<scalar_t>(), width, slots.data_ptr<slot_t>(),
+                                               k_cache.numel() / kv_row};
+      launch_rope<scalar_t, slot_t>(positions, cos_sin, rows, width, rows + num_heads * head_dim, width,
+                                    q_out, k_out, write);
     };
-    if (pos_type == at::kLong) {
+    if (slot_type == at::kLong) {
       run(int64_t{});
     } else {
       run(int32_t{});
     }
   });
-  return {q_out, k_out};
+  return {q_out, k_out, v};
 }
 
 }  // namespace
@@ -387,6 +503,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("eps"));
   m.def("add_rms_norm", &add_rms_norm, "s = x + residual; (rms_norm(s), s) (CUDA)", py::arg("x"),
         py::arg("residual"), py::arg("weight"), py::arg("eps"));
+  m.def("rope_store_kv", &rope_store_kv, "rope of q and k in qkv, k and v written to cache slots (CUDA)",
+        py::arg("qkv"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("positions"),
+        py::arg("cos_sin"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"));
   m.def("rope", &rope, "rotary embedding, rotate_half convention (CUDA)", py::arg("q"),
         py::arg("k"), py::arg("positions"), py::arg("cos_sin"));
 }
