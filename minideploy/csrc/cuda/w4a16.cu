@@ -105,7 +105,7 @@
 // rows. Same sums, other addresses. H100 at f937bc1 (figures/w4a16_h100.json), 1 token,
 // replayed: 59% / 71% / 72% / 75% / 80% of the read bandwidth against 53% / 65% / 66% / 68% /
 // 73% in rows, 3.2-3.7x cuBLAS fp16; 16 tokens 34-47% against 29-42%. 7B W4A16 decode at
-// batch 1 (figures/decode_h100.json): 434.6 -> 458.6 tok/s.
+// batch 1 (figures/decode_h100.json at 5d700b8): 439.5 -> 466.7 tok/s.
 // Fragments (mma.cuh has their layout): a product sums over its 16 k slots in any order, so
 // the slots may stand for any 16 k as long as A and B agree: lane (gid, tid)
 // loads chunk 4s+tid of rows gid and gid+8 in k-step s (32 weights each), and
