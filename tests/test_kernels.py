@@ -401,6 +401,12 @@ def test_cache_key_changes_with_sources_and_target(tmp_path):
     assert key != build.build_key([source], "cpu", None, flags)
     source.write_text("int b;")
     assert key != build.build_key([source], "cpu", None, flags)
+    nested = tmp_path / "cpu" / "op.cpp"  # csrc/cpu/*.cpp include csrc/*.h
+    nested.parent.mkdir()
+    nested.write_text("int c;")
+    before = build.build_key([nested], "cpu", None, flags)
+    (tmp_path / "shared.h").write_text("// a header one folder up counts too")
+    assert before != build.build_key([nested], "cpu", None, flags)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -141,7 +141,9 @@ def build_key(sources: list[Path], device_type: str, arch: Optional[str],
               flags: dict[str, list[str]]) -> str:
     """Hash of everything that makes a compiled extension differ."""
     h = hashlib.sha256()
-    headers = sorted({p for s in sources for p in s.parent.iterdir() if p.suffix in HEADER_SUFFIXES})
+    # Headers beside the sources, and one folder up (csrc/: shared by the CPU and CUDA sources).
+    headers = sorted({p for s in sources for folder in (s.parent, s.parent.parent) for p in folder.iterdir()
+                      if p.suffix in HEADER_SUFFIXES and p.is_file()})
     for path in [*sources, *headers]:
         h.update(path.name.encode())
         h.update(path.read_bytes())

@@ -176,21 +176,14 @@ def check_rope_store_kv_args(qkv: torch.Tensor, num_heads: int, num_kv_heads: in
         _fail(f"{op}: qkv must be 2-D [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim], "
               f"got shape {_shape(qkv)}")
     heads = num_heads + 2 * num_kv_heads
-    if num_heads <= 0 or num_kv_heads <= 0 or qkv.shape[1] % heads or qkv.shape[1] // heads % 2:
+    if num_heads <= 0 or num_kv_heads <= 0 or qkv.shape[1] <= 0 or qkv.shape[1] % heads or qkv.shape[1] // heads % 2:
         _fail(f"{op}: qkv's width {qkv.shape[1]} must be (num_heads={num_heads} + 2 * "
-              f"num_kv_heads={num_kv_heads}) * an even head_dim")
+              f"num_kv_heads={num_kv_heads}) * an even head_dim > 0")
     _check_contiguous(op, "qkv", qkv)
     head_dim = qkv.shape[1] // heads
     _check_positions(op, "qkv", qkv, positions, cos_sin, head_dim)
     _check_like(op, "k_cache", k_cache, "qkv", qkv)
-    if k_cache.dim() < 3 or tuple(k_cache.shape[-2:]) != (num_kv_heads, head_dim):
-        _fail(f"{op}: k_cache must have shape [..., num_slots, num_kv_heads, head_dim]="
-              f"[...,*,{num_kv_heads},{head_dim}], got {_shape(k_cache)}")
-    _check_contiguous(op, "k_cache", k_cache)
-    _check_like(op, "v_cache", v_cache, "k_cache", k_cache)
-    if v_cache.shape != k_cache.shape:
-        _fail(f"{op}: v_cache must have the shape of k_cache {_shape(k_cache)}, got {_shape(v_cache)}")
-    _check_contiguous(op, "v_cache", v_cache)
+    _check_caches(op, k_cache, v_cache, num_kv_heads, head_dim)
     _check_slots(op, "qkv", qkv, slots, k_cache.numel() // (num_kv_heads * head_dim))
     return head_dim
 
@@ -537,18 +530,23 @@ def check_store_kv_args(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
         _fail(f"{op}: v must have contiguous rows (strides [*, head_dim, 1]), got strides {_strides(v)}")
     bits = _kv_cache_bits(op, "k", k, k_cache, k_params, v_params)
     width = k.shape[2] // 2 if bits == 4 else k.shape[2]
-    if k_cache.dim() < 3 or tuple(k_cache.shape[-2:]) != (k.shape[1], width):
+    _check_caches(op, k_cache, v_cache, k.shape[1], width)
+    if bits:
+        _check_kv_params(op, "k", k, k_cache, k_params, v_params)
+    _check_slots(op, "k", k, slots, k_cache.numel() // max(1, k.shape[1] * width))
+    return bits
+
+
+def _check_caches(op: str, k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int, width: int) -> None:
+    """k_cache [..., num_slots, num_kv_heads, width] contiguous, v_cache the same."""
+    if k_cache.dim() < 3 or tuple(k_cache.shape[-2:]) != (num_kv_heads, width):
         _fail(f"{op}: k_cache must have shape [..., num_slots, num_kv_heads, head_dim]="
-              f"[...,*,{k.shape[1]},{width}], got {_shape(k_cache)}")
+              f"[...,*,{num_kv_heads},{width}], got {_shape(k_cache)}")
     _check_contiguous(op, "k_cache", k_cache)
     _check_like(op, "v_cache", v_cache, "k_cache", k_cache)
     if v_cache.shape != k_cache.shape:
         _fail(f"{op}: v_cache must have the shape of k_cache {_shape(k_cache)}, got {_shape(v_cache)}")
     _check_contiguous(op, "v_cache", v_cache)
-    if bits:
-        _check_kv_params(op, "k", k, k_cache, k_params, v_params)
-    _check_slots(op, "k", k, slots, k_cache.numel() // max(1, k.shape[1] * width))
-    return bits
 
 
 def _check_slots(op: str, ref_arg: str, ref: torch.Tensor, slots: torch.Tensor, num_slots: int) -> None:

@@ -35,7 +35,11 @@
 #include <cstring>
 #include <string>
 
+#include "../norm_rope_args.h"
+
 namespace {
+
+using namespace norm_rope_args;
 
 // Waking the OpenMP threads pays off only above this many elements; decode
 // steps with a handful of tokens stay on one thread.
@@ -167,66 +171,9 @@ void check_positions_range(const char* op, const pos_t* positions, int64_t n, in
 // Argument checks: every message names the op and the argument.
 // ---------------------------------------------------------------------------
 
-std::string dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "float32";
-    case at::kHalf: return "float16";
-    case at::kBFloat16: return "bfloat16";
-    case at::kDouble: return "float64";
-    case at::kLong: return "int64";
-    case at::kInt: return "int32";
-    case at::kShort: return "int16";
-    case at::kChar: return "int8";
-    case at::kByte: return "uint8";
-    case at::kBool: return "bool";
-    default: return c10::toString(t);
-  }
-}
-
-std::string shape_str(const at::Tensor& t) {
-  std::string s = "[";
-  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? "," : "") + std::to_string(t.size(i));
-  return s + "]";
-}
-
-bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-
-void check_float(const char* op, const char* arg, const at::Tensor& t) {
-  TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", arg,
-              " must be float32, float16 or bfloat16, got ", dtype_name(t.scalar_type()));
-}
-
-void check_like(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
-                const at::Tensor& ref) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", arg, " must have the dtype of ",
-              ref_arg, " (", dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", arg, " must be on ", ref_arg, "'s device ",
-              ref.device(), ", got ", t.device());
-}
-
-void check_contiguous(const char* op, const char* arg, const at::Tensor& t) {
-  TORCH_CHECK(t.is_contiguous(), op, ": ", arg, " must be contiguous (call .contiguous() first)");
-}
-
 void check_cpu(const char* op, const char* arg, const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", arg, " must be a CPU tensor for the CPU kernel, got ",
               t.device());
-}
-
-void check_rms_norm_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                         double eps) {
-  check_float(op, "x", x);
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [num_tokens, hidden], got shape ", shape_str(x));
-  TORCH_CHECK(x.size(1) > 0, op, ": x must have hidden > 0, got shape ", shape_str(x));
-  check_contiguous(op, "x", x);
-  check_like(op, "weight", weight, "x", x);
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1), op,
-              ": weight must have shape [hidden]=[", x.size(1), "], got ", shape_str(weight));
-  check_contiguous(op, "weight", weight);
-  TORCH_CHECK(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
-  check_cpu(op, "x", x);
 }
 
 // ---------------------------------------------------------------------------
@@ -235,6 +182,7 @@ void check_rms_norm_args(const char* op, const at::Tensor& x, const at::Tensor& 
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rms_norm_args("rms_norm", x, weight, eps);
+  check_cpu("rms_norm", "x", x);
   auto out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm", [&] {
     rms_norm_impl<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
@@ -252,6 +200,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
   TORCH_CHECK(residual.sizes() == x.sizes(), op, ": residual must have the shape of x ",
               shape_str(x), ", got ", shape_str(residual));
   check_contiguous(op, "residual", residual);
+  check_cpu(op, "x", x);
   auto out = at::empty_like(x);
   auto sum = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "add_rms_norm", [&] {
@@ -261,28 +210,6 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
                                 static_cast<float>(eps));
   });
   return {out, sum};
-}
-
-// positions [num_tokens] and cos_sin [max_positions, head_dim] for the rows of `ref`
-// (reference._check_positions), values checked later, before any parallel loop.
-void check_positions(const char* op, const char* ref_arg, const at::Tensor& ref,
-                     const at::Tensor& positions, const at::Tensor& cos_sin, int64_t head_dim) {
-  const auto pos_type = positions.scalar_type();
-  TORCH_CHECK(pos_type == at::kLong || pos_type == at::kInt, op,
-              ": positions must be int64 (or int32), got ", dtype_name(pos_type));
-  TORCH_CHECK(positions.device() == ref.device(), op, ": positions must be on ", ref_arg, "'s device ",
-              ref.device(), ", got ", positions.device());
-  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == ref.size(0), op,
-              ": positions must have shape [num_tokens]=[", ref.size(0), "], got ", shape_str(positions));
-  check_contiguous(op, "positions", positions);
-  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat, op, ": cos_sin must be float32, got ",
-              dtype_name(cos_sin.scalar_type()));
-  TORCH_CHECK(cos_sin.device() == ref.device(), op, ": cos_sin must be on ", ref_arg, "'s device ",
-              ref.device(), ", got ", cos_sin.device());
-  TORCH_CHECK(cos_sin.dim() == 2 && cos_sin.size(1) == head_dim, op,
-              ": cos_sin must have shape [max_positions, head_dim]=[*,", head_dim, "], got ",
-              shape_str(cos_sin));
-  check_contiguous(op, "cos_sin", cos_sin);
 }
 
 // rope_impl over q and k with the given token strides, positions of either integer type.
@@ -308,18 +235,7 @@ void run_rope(const char* op, const at::Tensor& positions, const at::Tensor& cos
 std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k,
                                         const at::Tensor& positions, const at::Tensor& cos_sin) {
   const char* op = "rope";
-  check_float(op, "q", q);
-  TORCH_CHECK(q.dim() == 3, op, ": q must be 3-D [num_tokens, num_heads, head_dim], got shape ",
-              shape_str(q));
-  const int64_t num_tokens = q.size(0), head_dim = q.size(2);
-  TORCH_CHECK(head_dim % 2 == 0, op, ": q must have an even head_dim, got shape ", shape_str(q));
-  check_contiguous(op, "q", q);
-  check_like(op, "k", k, "q", q);
-  TORCH_CHECK(k.dim() == 3 && k.size(0) == num_tokens && k.size(2) == head_dim, op,
-              ": k must have shape [num_tokens, num_kv_heads, head_dim]=[", num_tokens, ",*,",
-              head_dim, "], got ", shape_str(k));
-  check_contiguous(op, "k", k);
-  check_positions(op, "q", q, positions, cos_sin, head_dim);
+  const int64_t head_dim = check_rope_args(op, q, k, positions, cos_sin);
   check_cpu(op, "q", q);
 
   auto q_out = at::empty_like(q);
@@ -331,39 +247,15 @@ std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k
   return {q_out, k_out};
 }
 
-// The messages of reference.check_rope_store_kv_args.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_store_kv(
     const at::Tensor& qkv, int64_t num_heads, int64_t num_kv_heads, const at::Tensor& positions,
     const at::Tensor& cos_sin, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots) {
   const char* op = "rope_store_kv";
-  check_float(op, "qkv", qkv);
-  TORCH_CHECK(qkv.dim() == 2, op, ": qkv must be 2-D [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim], "
-              "got shape ", shape_str(qkv));
-  const int64_t heads = num_heads + 2 * num_kv_heads, width = qkv.size(1);
-  TORCH_CHECK(num_heads > 0 && num_kv_heads > 0 && width % heads == 0 && width / heads % 2 == 0, op,
-              ": qkv's width ", width, " must be (num_heads=", num_heads, " + 2 * num_kv_heads=",
-              num_kv_heads, ") * an even head_dim");
-  check_contiguous(op, "qkv", qkv);
-  const int64_t num_tokens = qkv.size(0), head_dim = width / heads, kv_row = num_kv_heads * head_dim;
-  check_positions(op, "qkv", qkv, positions, cos_sin, head_dim);
-  check_like(op, "k_cache", k_cache, "qkv", qkv);
-  TORCH_CHECK(k_cache.dim() >= 3 && k_cache.size(-2) == num_kv_heads && k_cache.size(-1) == head_dim, op,
-              ": k_cache must have shape [..., num_slots, num_kv_heads, head_dim]=[...,*,", num_kv_heads, ",",
-              head_dim, "], got ", shape_str(k_cache));
-  check_contiguous(op, "k_cache", k_cache);
-  check_like(op, "v_cache", v_cache, "k_cache", k_cache);
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have the shape of k_cache ",
-              shape_str(k_cache), ", got ", shape_str(v_cache));
-  check_contiguous(op, "v_cache", v_cache);
-  const auto slot_type = slots.scalar_type();
-  TORCH_CHECK(slot_type == at::kLong || slot_type == at::kInt, op, ": slots must be int64 (or int32), got ",
-              dtype_name(slot_type));
-  TORCH_CHECK(slots.device() == qkv.device(), op, ": slots must be on qkv's device ", qkv.device(), ", got ",
-              slots.device());
-  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == num_tokens, op, ": slots must have shape [num_tokens]=[",
-              num_tokens, "], got ", shape_str(slots));
-  check_contiguous(op, "slots", slots);
+  const int64_t head_dim =
+      check_rope_store_kv_args(op, qkv, num_heads, num_kv_heads, positions, cos_sin, k_cache, v_cache, slots);
   check_cpu(op, "qkv", qkv);
+  const int64_t num_tokens = qkv.size(0), width = qkv.size(1), kv_row = num_kv_heads * head_dim;
+  const auto slot_type = slots.scalar_type();
   const int64_t num_slots = k_cache.numel() / kv_row;
 
   auto q_out = at::empty({num_tokens, num_heads, head_dim}, qkv.options());
