@@ -9,47 +9,11 @@
 #include <cstdint>
 #include <string>
 
+#include "checks.h"
+
 namespace norm_rope_args {
 
-inline std::string dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "float32";
-    case at::kHalf: return "float16";
-    case at::kBFloat16: return "bfloat16";
-    case at::kDouble: return "float64";
-    case at::kLong: return "int64";
-    case at::kInt: return "int32";
-    case at::kShort: return "int16";
-    case at::kChar: return "int8";
-    case at::kByte: return "uint8";
-    case at::kBool: return "bool";
-    default: return c10::toString(t);
-  }
-}
-
-inline std::string shape_str(const at::Tensor& t) {
-  std::string s = "[";
-  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? "," : "") + std::to_string(t.size(i));
-  return s + "]";
-}
-
-inline void check_float(const char* op, const char* arg, const at::Tensor& t) {
-  const auto d = t.scalar_type();
-  TORCH_CHECK(d == at::kFloat || d == at::kHalf || d == at::kBFloat16, op, ": ", arg,
-              " must be float32, float16 or bfloat16, got ", dtype_name(d));
-}
-
-inline void check_like(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
-                       const at::Tensor& ref) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", arg, " must have the dtype of ",
-              ref_arg, " (", dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", arg, " must be on ", ref_arg, "'s device ",
-              ref.device(), ", got ", t.device());
-}
-
-inline void check_contiguous(const char* op, const char* arg, const at::Tensor& t) {
-  TORCH_CHECK(t.is_contiguous(), op, ": ", arg, " must be contiguous (call .contiguous() first)");
-}
+using namespace checks;
 
 // reference.check_rms_norm_args.
 inline void check_rms_norm_args(const char* op, const at::Tensor& x, const at::Tensor& weight, double eps) {

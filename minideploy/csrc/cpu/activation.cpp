@@ -24,8 +24,11 @@
 #include <string>
 
 #include "swiglu.h"
+#include "../checks.h"
 
 namespace {
+
+using namespace checks;
 
 constexpr int64_t kMinTaskElements = 1 << 15;
 
@@ -38,24 +41,6 @@ void silu_and_mul_impl(const scalar_t* gate_up, scalar_t* out, int64_t num_token
       swiglu::silu_mul_row(gate, gate + width, out + t * width, width);
     }
   });
-}
-
-std::string dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "float32";
-    case at::kHalf: return "float16";
-    case at::kBFloat16: return "bfloat16";
-    case at::kDouble: return "float64";
-    case at::kLong: return "int64";
-    case at::kInt: return "int32";
-    default: return c10::toString(t);
-  }
-}
-
-std::string shape_str(const at::Tensor& t) {
-  std::string s = "[";
-  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? "," : "") + std::to_string(t.size(i));
-  return s + "]";
 }
 
 at::Tensor silu_and_mul(const at::Tensor& gate_up) {

@@ -51,15 +51,17 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <sstream>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "simd.h"
 #include "swiglu.h"
+#include "../checks.h"
 
 namespace {
+
+using namespace checks;
 
 constexpr int kPack = 8;                // int4 values per int32 word
 constexpr int64_t kGroupMultiple = 32;  // reference.W4_GROUP_MULTIPLE
@@ -87,33 +89,6 @@ constexpr int kMaxTokens = 4;
 // Input checks: the messages of reference.check_w4a16_args.
 // ---------------------------------------------------------------------------
 
-std::string dtype_name(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return "float32";
-    case at::kHalf: return "float16";
-    case at::kBFloat16: return "bfloat16";
-    case at::kDouble: return "float64";
-    case at::kInt: return "int32";
-    case at::kLong: return "int64";
-    case at::kByte: return "uint8";
-    default: return c10::toString(type);
-  }
-}
-
-std::string shape(const at::Tensor& t) {  // "[8,4]", as the reference prints it
-  std::ostringstream s;
-  s << "[";
-  for (int64_t d = 0; d < t.dim(); ++d) s << (d ? "," : "") << t.size(d);
-  s << "]";
-  return s.str();
-}
-
-void check_like(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
-                const at::Tensor& ref) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", arg, " must have the dtype of ", ref_arg,
-              " (", dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
-}
-
 void check_cpu_contiguous(const char* op, const char* arg, const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", arg, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.is_contiguous(), op, ": ", arg, " must be contiguous (call .contiguous() first)");
@@ -125,25 +100,23 @@ void check_cpu_contiguous(const char* op, const char* arg, const at::Tensor& t) 
 void check_groups_and_x(const char* op, const char* const (&names)[3], const at::Tensor& packed,
                         const at::Tensor& scales, const at::Tensor& zeros, int64_t k, bool shape_ok,
                         const std::string& want, const at::Tensor* x) {
-  const auto type = scales.scalar_type();
-  TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, op, ": ", names[1],
-              " must be float32, float16 or bfloat16, got ", dtype_name(type));
+  check_float(op, names[1], scales);
   const int64_t groups = scales.dim() >= 2 ? scales.size(1) : 0;
   TORCH_CHECK(shape_ok && groups > 0 && k % groups == 0, op, ": ", names[1], " must have shape ", want,
-              " with groups dividing in_features=", k, ", got ", shape(scales));
+              " with groups dividing in_features=", k, ", got ", shape_str(scales));
   const int64_t group = k / groups;
   TORCH_CHECK(group % kGroupMultiple == 0, op, ": group size ", group, " (in_features ", k, " / ",
               groups, " groups) must be a multiple of ", kGroupMultiple);
   check_like(op, names[2], zeros, names[1], scales);
   TORCH_CHECK(zeros.sizes() == scales.sizes(), op, ": ", names[2], " must have the shape of ", names[1],
-              " ", shape(scales), ", got ", shape(zeros));
+              " ", shape_str(scales), ", got ", shape_str(zeros));
   check_cpu_contiguous(op, names[0], packed);
   check_cpu_contiguous(op, names[1], scales);
   check_cpu_contiguous(op, names[2], zeros);
   if (x != nullptr) {
     check_like(op, "x", *x, names[1], scales);
     TORCH_CHECK(x->dim() == 2 && x->size(1) == k, op, ": x must be 2-D [tokens, in_features=", k,
-                "], got shape ", shape(*x));
+                "], got shape ", shape_str(*x));
     check_cpu_contiguous(op, "x", *x);
   }
 }
@@ -152,7 +125,7 @@ void check_args(const char* op, const at::Tensor& qweight, const at::Tensor& sca
                 const at::Tensor& zeros, const at::Tensor* x) {
   TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.dim() == 2, op,
               ": qweight must be 2-D int32 [out_features, in_features / 8], got ",
-              dtype_name(qweight.scalar_type()), " ", shape(qweight));
+              dtype_name(qweight.scalar_type()), " ", shape_str(qweight));
   const int64_t n = qweight.size(0), k = qweight.size(1) * kPack;
   check_groups_and_x(op, {"qweight", "scales", "zeros"}, qweight, scales, zeros, k,
                      scales.dim() == 2 && scales.size(0) == n,
@@ -233,7 +206,7 @@ void check_tiled_args(const char* op, const at::Tensor& qtiles, const at::Tensor
                       const at::Tensor& ztiles, int64_t n, const at::Tensor& x) {
   TORCH_CHECK(qtiles.scalar_type() == at::kInt && qtiles.dim() == 3 && qtiles.size(2) == kTile, op,
               ": qtiles must be 3-D int32 [tiles, in_features / 8, ", kTile, "] (this CPU's tiles of ",
-              kTile, " rows, 1 word wide), got ", dtype_name(qtiles.scalar_type()), " ", shape(qtiles));
+              kTile, " rows, 1 word wide), got ", dtype_name(qtiles.scalar_type()), " ", shape_str(qtiles));
   const int64_t tiles = qtiles.size(0), k = qtiles.size(1) * kPack;
   TORCH_CHECK(n > 0 && (n + kTile - 1) / kTile == tiles, op, ": out_features=", n, " needs ",
               (std::max<int64_t>(n, 0) + kTile - 1) / kTile, " tiles of ", kTile, " rows, qtiles has ", tiles);

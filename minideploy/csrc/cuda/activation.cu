@@ -26,8 +26,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include "../checks.h"
 
 namespace {
+
+using namespace checks;
 
 constexpr int kThreads = 256;
 
@@ -69,24 +72,6 @@ __global__ void silu_and_mul_kernel(const T* __restrict__ gate_up, T* __restrict
     for (int i = 0; i < VEC; ++i) o.v[i] = silu_mul(g.v[i], u.v[i]);
     reinterpret_cast<Pack*>(out + t * width)[p] = o;
   }
-}
-
-std::string dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "float32";
-    case at::kHalf: return "float16";
-    case at::kBFloat16: return "bfloat16";
-    case at::kDouble: return "float64";
-    case at::kLong: return "int64";
-    case at::kInt: return "int32";
-    default: return c10::toString(t);
-  }
-}
-
-std::string shape_str(const at::Tensor& t) {
-  std::string s = "[";
-  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? "," : "") + std::to_string(t.size(i));
-  return s + "]";
 }
 
 template <typename T>

@@ -89,8 +89,11 @@
 #include <string>
 #include <type_traits>
 #include <vector>
+#include "../checks.h"
 
 namespace {
+
+using namespace checks;
 
 constexpr int kWarpSize = 32;
 constexpr int kWarps = 8;
@@ -1265,48 +1268,6 @@ decode_attention_quant_kernel(const void* __restrict__ q, const uint8_t* __restr
 // ---------------------------------------------------------------------------
 // Argument checks: every message names the op and the argument (as the reference's).
 // ---------------------------------------------------------------------------
-
-std::string dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "float32";
-    case at::kHalf: return "float16";
-    case at::kBFloat16: return "bfloat16";
-    case at::kDouble: return "float64";
-    case at::kLong: return "int64";
-    case at::kInt: return "int32";
-    case at::kShort: return "int16";
-    case at::kChar: return "int8";
-    case at::kByte: return "uint8";
-    case at::kBool: return "bool";
-    default: return c10::toString(t);
-  }
-}
-
-std::string shape_str(at::IntArrayRef sizes) {
-  std::string s = "[";
-  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? "," : "") + std::to_string(sizes[i]);
-  return s + "]";
-}
-
-std::string shape_str(const at::Tensor& t) { return shape_str(t.sizes()); }
-
-void check_float(const char* op, const char* arg, const at::Tensor& t) {
-  const auto d = t.scalar_type();
-  TORCH_CHECK(d == at::kFloat || d == at::kHalf || d == at::kBFloat16, op, ": ", arg,
-              " must be float32, float16 or bfloat16, got ", dtype_name(d));
-}
-
-void check_like(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
-                const at::Tensor& ref) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", arg, " must have the dtype of ",
-              ref_arg, " (", dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", arg, " must be on ", ref_arg, "'s device ",
-              ref.device(), ", got ", t.device());
-}
-
-void check_contiguous(const char* op, const char* arg, const at::Tensor& t) {
-  TORCH_CHECK(t.is_contiguous(), op, ": ", arg, " must be contiguous (call .contiguous() first)");
-}
 
 void check_cuda(const char* op, const char* arg, const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cuda(), op, ": ", arg,
