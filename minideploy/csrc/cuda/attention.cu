@@ -37,11 +37,12 @@
 //   warps through shared memory; nothing is sized by the context length.
 //   Split-K (flash-decoding): when the cache can hold more than a partition's tokens
 //   per sequence, grid.z covers the capacity in partitions (512 tokens, down to 64
-//   when few sequences x kv heads would leave most SMs idle); each block writes its
+//   when few sequences x kv heads would leave SMs idle); each block writes its
 //   partition's max, sum and normalised output, and a reduce kernel rescales and
-//   combines them. A sequence that fits one partition is finished by its first
-//   block directly (the reduce skips it), and blocks past a sequence's length
-//   exit at once. The grid depends only on tensor shapes (the capacity
+//   combines them (reading the partitions in parallel). Each block first copies its
+//   partition's block ids to shared memory. A sequence that fits one partition is
+//   finished by its first block directly (the reduce skips it), and blocks past a
+//   sequence's length exit at once. The grid depends only on tensor shapes (the capacity
 //   max_blocks * block_size), never on the values of context_lens: the launch
 //   needs no synchronisation, and a CUDA graph captured once replays it for any
 //   lengths. When the capacity fits one partition (short caches, many sequences)
@@ -260,6 +261,17 @@ __device__ __forceinline__ float rescale(float x, float max) {
   return max == -CUDART_INF_F ? 0.0f : fast_exp2(x - max);
 }
 
+// The block ids of a partition's tokens [start, end), copied to shared memory once by the
+// whole block: a token's K/V address then waits for a shared-memory read, not for an L2
+// round trip ahead of every load. end - start <= partition <= kPartition, so at most
+// kPartition ids (block_size 1). The caller synchronises the block before reading them.
+__device__ __forceinline__ int load_block_ids(const int* __restrict__ table, int start, int end,
+                                              int block_size, int* ids) {
+  const int first = start / block_size, count = (end - 1) / block_size - first + 1;
+  for (int i = threadIdx.x; i < count; i += blockDim.x) ids[i] = table[first + i];
+  return first;
+}
+
 // A block's last step: the W warps' running softmaxes (max m, sum l, weighted values acc,
 // read through m_of(w, h), l_of(w, h), acc_of(w, h, d)) merged for each element of its
 // `heads` query heads, then written: write(i, value) for element i when the block finishes
@@ -320,6 +332,7 @@ decode_attention_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
   constexpr int kRowsPerStep = kWarps * kRowsPerWarp;
   extern __shared__ float warp_acc[];  // [kWarps][HPB][head_dim]
   __shared__ float warp_m[kWarps][HPB], warp_l[kWarps][HPB];
+  __shared__ int block_ids[kPartition];  // load_block_ids
 
   const int head_blocks = (p.group + HPB - 1) / HPB;
   const int kvh = blockIdx.x / head_blocks;
@@ -347,11 +360,12 @@ decode_attention_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
   const int li = lane % L;           // lane within the row group
   const int row_in_warp = lane / L;  // which of the warp's rows this lane reads
   const int packs = p.head_dim / PE; // packs per row, <= L * NP
-  const int* table = block_tables + static_cast<int64_t>(b) * p.max_blocks;
+  const int first_block = load_block_ids(block_tables + static_cast<int64_t>(b) * p.max_blocks,
+                                         start, end, p.block_size, block_ids);
 
   // Element offset of token t's row of kv head kvh, or -1 for a bad block id.
   auto row_offset = [&](int t) -> int64_t {
-    const int block = table[t / p.block_size];
+    const int block = block_ids[t / p.block_size - first_block];
     if (block < 0 || block >= p.num_blocks) return -1;
     return ((static_cast<int64_t>(block) * p.block_size + t % p.block_size) * p.kv_heads + kvh) *
            p.head_dim;
@@ -386,6 +400,7 @@ decode_attention_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
     for (int e = 0; e < E; ++e) acc[h][e] = 0.0f;
   }
   bool bad_block = false;
+  __syncthreads();  // block_ids
 
   // The loop bounds are the same for every lane of a warp (the shuffles need the whole
   // warp); rows past `end` are masked.
@@ -614,6 +629,7 @@ decode_attention_mma_kernel(const T* __restrict__ q, const void* __restrict__ k_
   __shared__ float q_sum[kMmaMaxGroup];                    // Bits 8: sum of each head's q
   __shared__ float warp_acc[kMmaWarps][kMmaMaxGroup][D + 4];  // +4: no bank conflicts
   __shared__ float warp_m[kMmaWarps][kMmaMaxGroup], warp_l[kMmaWarps][kMmaMaxGroup];
+  __shared__ int block_ids[kPartition];                    // load_block_ids
 
   const int kvh = blockIdx.x, b = blockIdx.y, part = blockIdx.z;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
@@ -633,7 +649,8 @@ decode_attention_mma_kernel(const T* __restrict__ q, const void* __restrict__ k_
   const int start = part * p.partition;
   if (start >= len) return;
   const int end = direct ? len : min(start + p.partition, len);
-  const int* table = block_tables + static_cast<int64_t>(b) * p.max_blocks;
+  const int first_block = load_block_ids(block_tables + static_cast<int64_t>(b) * p.max_blocks,
+                                         start, end, p.block_size, block_ids);
 
   if (warp == 0) {  // Q's A fragments (rows gid, gid + 8: heads; absent heads zero)
     uint4 r0[4], r1[4];
@@ -677,7 +694,7 @@ decode_attention_mma_kernel(const T* __restrict__ q, const void* __restrict__ k_
   bool bad_block = false;
   auto row = [&](int t) -> int64_t {
     if (t >= end) return -1;
-    const int block = table[t / p.block_size];
+    const int block = block_ids[t / p.block_size - first_block];
     if (block < 0 || block >= p.num_blocks) {
       bad_block = true;
       return -1;
@@ -703,7 +720,6 @@ decode_attention_mma_kernel(const T* __restrict__ q, const void* __restrict__ k_
     for (int i = 0; i < 4; ++i) {
       const int64_t r = row(t0 + 2 * tid + (i & 1) + 8 * (i >> 1));
       const uint4* src = reinterpret_cast<const uint4*>(v_cache + r * kRowBytes) + kVLoads * gid;
-#pragma unroll
       if constexpr (Bits == 4) {  // 16 codes: 8 bytes
         const uint2 half_pack = r >= 0 ? __ldg(reinterpret_cast<const uint2*>(v_cache + r * kRowBytes) + gid)
                                        : make_uint2(0, 0);
@@ -902,6 +918,12 @@ __device__ __forceinline__ float block_reduce(float value, bool is_max) {
 
 // One block per (query head, sequence): out = sum_p w_p o_p / sum_p w_p with
 // w_p = sum_p * 2^(max_p - max), over the sequence's partitions.
+// The weighted sum reads the partitions' rows in parallel: the threads form groups of
+// head_dim / 4 lanes (a float4 each), group g takes partitions g, g + groups, ..., four
+// loads in flight a thread, and the groups add up in shared memory. One thread per dim
+// looping over the partitions instead waited one L2 round trip per partition: 16-32 of
+// them at batch 1 (see partition_tokens).
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 decode_attention_reduce_kernel(const float* __restrict__ part_out,
@@ -912,6 +934,7 @@ decode_attention_reduce_kernel(const float* __restrict__ part_out,
                                int64_t capacity) {
   minideploy::let_next_start_then_wait();  // launch.cuh
   extern __shared__ float weights[];  // [num_parts]
+  __shared__ float4 group_acc[kThreads];  // [groups][head_dim / 4]
   const int head = blockIdx.x, b = blockIdx.y;
   const int len = context_lens[b];
   if (len <= partition || len > capacity) return;  // finished by the partition kernel
@@ -928,9 +951,28 @@ decode_attention_reduce_kernel(const float* __restrict__ part_out,
     s += w;
   }
   s = block_reduce(s, false);  // its barriers also publish `weights`
+
+  const int vecs = head_dim / 4, groups = kThreads / vecs;
+  const int g = threadIdx.x / vecs, c = threadIdx.x % vecs;
+  if (g < groups) {
+    const float4* rows = reinterpret_cast<const float4*>(part_out + row * head_dim) + c;
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 4
+    for (int i = g; i < parts; i += groups) {
+      const float4 o = rows[static_cast<int64_t>(i) * vecs];
+      const float w = weights[i];
+      acc.x = fmaf(w, o.x, acc.x);
+      acc.y = fmaf(w, o.y, acc.y);
+      acc.z = fmaf(w, o.z, acc.z);
+      acc.w = fmaf(w, o.w, acc.w);
+    }
+    group_acc[threadIdx.x] = acc;
+  }
+  __syncthreads();
+  const float* sums = reinterpret_cast<const float*>(group_acc);  // [groups][head_dim]
   for (int d = threadIdx.x; d < head_dim; d += kThreads) {
     float acc = 0.0f;
-    for (int i = 0; i < parts; ++i) acc = fmaf(weights[i], part_out[(row + i) * head_dim + d], acc);
+    for (int i = 0; i < groups; ++i) acc += sums[i * head_dim + d];
     store(out + (static_cast<int64_t>(b) * num_heads + head) * head_dim + d, acc / s);
   }
 }
@@ -1087,6 +1129,7 @@ decode_attention_quant_kernel(const void* __restrict__ q, const uint8_t* __restr
   constexpr int kRowsPerStep = kWarps * kRowsPerWarp;
   extern __shared__ float warp_acc[];  // [kWarps][HPB][head_dim]
   __shared__ float warp_m[kWarps][HPB], warp_l[kWarps][HPB];
+  __shared__ int block_ids[kPartition];  // load_block_ids
 
   const int head_blocks = (p.group + HPB - 1) / HPB;
   const int kvh = blockIdx.x / head_blocks;
@@ -1116,11 +1159,12 @@ decode_attention_quant_kernel(const void* __restrict__ q, const uint8_t* __restr
   const int row_in_warp = lane / L;
   const int packs = p.head_dim / E;  // <= L
   const int64_t row_bytes = static_cast<int64_t>(p.head_dim) * Bits / 8;
-  const int* table = block_tables + static_cast<int64_t>(b) * p.max_blocks;
+  const int first_block = load_block_ids(block_tables + static_cast<int64_t>(b) * p.max_blocks,
+                                         start, end, p.block_size, block_ids);
 
   // Cache row (slot * kv_heads + kv head) of token t, or -1 for a bad block id.
   auto row_index = [&](int t) -> int64_t {
-    const int block = table[t / p.block_size];
+    const int block = block_ids[t / p.block_size - first_block];
     if (block < 0 || block >= p.num_blocks) return -1;
     return (static_cast<int64_t>(block) * p.block_size + t % p.block_size) * p.kv_heads + kvh;
   };
@@ -1153,6 +1197,7 @@ decode_attention_quant_kernel(const void* __restrict__ q, const uint8_t* __restr
     for (int e = 0; e < E; ++e) acc[h][e] = 0.0f;
   }
   bool bad_block = false;
+  __syncthreads();  // block_ids
 
   for (int step = start + warp * kRowsPerWarp; step < end; step += kRowsPerStep * U) {
     Pack kc[U], vc[U];
@@ -1538,9 +1583,17 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
   }
 }
 
-// The warps' partial outputs [kWarps][heads per block][head_dim] in float32.
+// The warps' partial outputs [kWarps][heads per block][head_dim] in float32: a partition
+// kernel's dynamic shared memory.
 size_t shared_bytes(int heads_per_block, int head_dim) {
   return sizeof(float) * kWarps * heads_per_block * head_dim;
+}
+
+// Whether a partition kernel with 8 heads a block fits the shared memory a block may have:
+// the partial outputs, the warps' maxima and sums, and the partition's block ids.
+bool eight_heads_fit(int head_dim) {
+  return shared_bytes(8, head_dim) + sizeof(float) * 2 * kWarps * 8 + sizeof(int) * kPartition <=
+         kMaxSharedBytes;
 }
 
 template <typename T, int L, int NP, int HPB>
@@ -1570,7 +1623,7 @@ void launch_decode_heads(const at::Tensor& q, const at::Tensor& k_cache, const a
     launch_decode<T, L, NP, 1>(q, k_cache, v_cache, block_tables, context_lens, out, po, pm, ps, p, stream);
   } else if (p.group == 2) {
     launch_decode<T, L, NP, 2>(q, k_cache, v_cache, block_tables, context_lens, out, po, pm, ps, p, stream);
-  } else if (p.group <= 4 || shared_bytes(8, p.head_dim) > kMaxSharedBytes) {
+  } else if (p.group <= 4 || !eight_heads_fit(p.head_dim)) {
     // Groups of 5+ with head_dim > 192 take two or more blocks of 4 heads each.
     launch_decode<T, L, NP, 4>(q, k_cache, v_cache, block_tables, context_lens, out, po, pm, ps, p, stream);
   } else {
@@ -1666,7 +1719,7 @@ void launch_decode_quant_heads(const QuantBuffers& d, const DecodeParams& p, int
     }
   } else if (p.group == 1) {
     launch_decode_quant<Bits, 8, L, 1>(d, p, batch, stream);
-  } else if (p.group <= 4 || shared_bytes(8, p.head_dim) > kMaxSharedBytes) {
+  } else if (p.group <= 4 || !eight_heads_fit(p.head_dim)) {
     launch_decode_quant<Bits, 8, L, 4>(d, p, batch, stream);
   } else {
     launch_decode_quant<Bits, 8, L, 8>(d, p, batch, stream);
@@ -1703,24 +1756,24 @@ void launch_decode_quant_rows(const QuantBuffers& d, const DecodeParams& p, int6
 }
 
 // Tokens per partition. kPartition, halved (down to kMinPartition) while the K/V streams
-// (sequences x kv heads) times the partitions of the capacity make fewer blocks than half
-// the SMs: at batch 1 a GQA model's 8 kv heads over a 2k cache are 32 blocks of 512 tokens.
-// Measured on an H100 (paged_attention, batch 1..16, 512..32k tokens): splitting until
-// 4 blocks an SM took GQA batch 1 x 512 from 51 to 14 us and MHA from 18 to 14 us, but made
-// 64-token partitions where 1-2 blocks an SM were running already: 20-50% slower there
-// (the partial results and the reduce cost more than the idle SMs). Half the SMs: batch 1
-// x 512..4k 1.1-4x faster than 512 everywhere (GQA fp16 51 -> 13 us at 512, 30 -> 22 us at
-// 4k), batch 4 up to 1.5x, nothing slower. Shapes only, as the grid: a sequence shorter
-// than the capacity leaves blocks that exit at once. Splitting further, until the blocks
-// reach 1, 2, 4 or 8x the SMs (2026-11-26, graph-replayed, batch 1..16 x 512..16k, fp16 and
-// int8, 7B and 32q/8kv shapes), was nowhere faster by more than noise and up to 2-3x slower
-// for GQA (32q/8kv batch 1 x 4k: fp16 21 us at half the SMs, 31 us at 2x; int8 15 -> 31 us).
+// (sequences x kv heads) times the partitions of the capacity make fewer blocks than the
+// GPU has SMs: at batch 1 a GQA model's 8 kv heads over a 4k cache are 256 blocks of 128
+// tokens, not 8 of 4k. Shapes only, as the grid: a sequence shorter than the capacity leaves
+// blocks that exit at once.
+// Measured on an H100 (paged_attention shapes, graph-replayed, batch 1..16 x 512..32k, fp16,
+// int8, int4, 7B and 32q/8kv; 2026-11-27, after the reduce kernel read the partitions in
+// parallel): blocks >= SMs against >= half the SMs (the rule before) took 32q/8kv batch 1 x
+// 4k from 16.2 to 14.2 us, x 8k 25.9 -> 21.8 us, batch 4 x 1k 16.1 -> 13.9 us, int8 batch
+// 1 x 4k 16.0 -> 12.9 us, int4 14.5 -> 11.3 us, and was nowhere slower; splitting on to 2x
+// or 4x the SMs was slower for GQA (batch 1 x 16k 33.6 -> 37.2 / 42.6 us): 64-token
+// partitions where every SM already held a block. Before the parallel reduce (2026-11-26),
+// half the SMs had beaten both 512-token partitions (GQA batch 1 x 4k 30 -> 22 us) and
+// blocks up to 2x the SMs (31 us), each partition then costing the reduce a round trip.
 int partition_tokens(int64_t streams, int64_t capacity, int device) {
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t target = sms / 2;
   int partition = kPartition;
-  while (partition > kMinPartition && streams * ((capacity + partition - 1) / partition) < target &&
+  while (partition > kMinPartition && streams * ((capacity + partition - 1) / partition) < sms &&
          (capacity + partition / 2 - 1) / (partition / 2) * sizeof(float) <= kMaxSharedBytes) {
     partition /= 2;
   }
