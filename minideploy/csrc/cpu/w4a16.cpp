@@ -320,11 +320,9 @@ struct BlockTile {
   void load(int64_t w0, uint32v (&v)[kQuad]) const {
     for (int w = 0; w < kQuad; ++w) std::memcpy(&v[w], words + (w0 + w) * kTile, sizeof v[w]);
   }
-  void params(int64_t g, floatv& s, floatv& z) const {
-    for (int r = 0; r < kTile; ++r) {
-      s[r] = static_cast<float>(scales[g * kTile + r]);
-      z[r] = static_cast<float>(zeros[g * kTile + r]);
-    }
+  void params(int64_t g, floatv& s, floatv& z) const {  // one vector conversion each
+    s = simd::to_floatv(scales + g * kTile);
+    z = simd::to_floatv(zeros + g * kTile);
   }
 };
 
