@@ -95,14 +95,17 @@ void check_cpu_contiguous(const char* op, const char* arg, const at::Tensor& t) 
 }
 
 // The checks both layouts share, with their argument names: scales and zeros of groups
-// along in_features = k (shape_ok: scales has the layout's shape, described by `want`),
-// then all three tensors on the CPU and contiguous, then x [tokens, k] if given.
+// along in_features = k (shape_ok: scales has the layout's shape, described by `want()`,
+// a string built only for the message: built every call it cost 0.5 us of a 3.3 us
+// 16 x 576 GEMV), then all three tensors on the CPU and contiguous, then x [tokens, k]
+// if given.
+template <typename Want>
 void check_groups_and_x(const char* op, const char* const (&names)[3], const at::Tensor& packed,
                         const at::Tensor& scales, const at::Tensor& zeros, int64_t k, bool shape_ok,
-                        const std::string& want, const at::Tensor* x) {
+                        const Want& want, const at::Tensor* x) {
   check_float(op, names[1], scales);
   const int64_t groups = scales.dim() >= 2 ? scales.size(1) : 0;
-  TORCH_CHECK(shape_ok && groups > 0 && k % groups == 0, op, ": ", names[1], " must have shape ", want,
+  TORCH_CHECK(shape_ok && groups > 0 && k % groups == 0, op, ": ", names[1], " must have shape ", want(),
               " with groups dividing in_features=", k, ", got ", shape_str(scales));
   const int64_t group = k / groups;
   TORCH_CHECK(group % kGroupMultiple == 0, op, ": group size ", group, " (in_features ", k, " / ",
@@ -129,7 +132,7 @@ void check_args(const char* op, const at::Tensor& qweight, const at::Tensor& sca
   const int64_t n = qweight.size(0), k = qweight.size(1) * kPack;
   check_groups_and_x(op, {"qweight", "scales", "zeros"}, qweight, scales, zeros, k,
                      scales.dim() == 2 && scales.size(0) == n,
-                     "[out_features=" + std::to_string(n) + ", groups]", x);
+                     [n] { return "[out_features=" + std::to_string(n) + ", groups]"; }, x);
 }
 
 // ---------------------------------------------------------------------------
@@ -212,7 +215,10 @@ void check_tiled_args(const char* op, const at::Tensor& qtiles, const at::Tensor
               (std::max<int64_t>(n, 0) + kTile - 1) / kTile, " tiles of ", kTile, " rows, qtiles has ", tiles);
   check_groups_and_x(op, {"qtiles", "stiles", "ztiles"}, qtiles, stiles, ztiles, k,
                      stiles.dim() == 3 && stiles.size(0) == tiles && stiles.size(2) == kTile,
-                     "[tiles=" + std::to_string(tiles) + ", groups, " + std::to_string(kTile) + "]", &x);
+                     [tiles] {
+                       return "[tiles=" + std::to_string(tiles) + ", groups, " + std::to_string(kTile) + "]";
+                     },
+                     &x);
 }
 
 struct Gemv {

@@ -738,14 +738,16 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 // The checks both layouts share, with their argument names (reference._check_groups_and_x):
 // scales and zeros of groups along in_features = k (shape_ok: scales has the layout's
-// shape, described by `want`), contiguity, then x [tokens, k] if given; then what the
-// CUDA kernels add: the device, and sizes that index with int.
+// shape, described by `want()`, a string built only for the message), contiguity, then x
+// [tokens, k] if given; then what the CUDA kernels add: the device, and sizes that index
+// with int.
+template <typename Want>
 void check_groups_and_x(const char* op, const char* const (&names)[3], const at::Tensor& packed,
                         const at::Tensor& scales, const at::Tensor& zeros, int64_t k, bool shape_ok,
-                        const std::string& want, const at::Tensor* x) {
+                        const Want& want, const at::Tensor* x) {
   check_float(op, names[1], scales);
   const int64_t groups = scales.dim() >= 2 ? scales.size(1) : 0;
-  TORCH_CHECK(shape_ok && groups > 0 && k % groups == 0, op, ": ", names[1], " must have shape ", want,
+  TORCH_CHECK(shape_ok && groups > 0 && k % groups == 0, op, ": ", names[1], " must have shape ", want(),
               " with groups dividing in_features=", k, ", got ", shape_str(scales));
   const int64_t group = k / groups;
   TORCH_CHECK(group % kGroupMultiple == 0, op, ": group size ", group, " (in_features ", k, " / ",
@@ -777,7 +779,7 @@ void check_w4a16_args(const char* op, const at::Tensor& qweight, const at::Tenso
   const int64_t n = qweight.size(0), k = qweight.size(1) * kWordK;
   check_groups_and_x(op, {"qweight", "scales", "zeros"}, qweight, scales, zeros, k,
                      scales.dim() == 2 && scales.size(0) == n,
-                     "[out_features=" + std::to_string(n) + ", groups]", x);
+                     [n] { return "[out_features=" + std::to_string(n) + ", groups]"; }, x);
 }
 
 // ---------------------------------------------------------------------------
@@ -994,7 +996,10 @@ void check_w4a16_tiled_args(const char* op, const at::Tensor& qtiles, const at::
               " rows, qtiles has ", tiles);
   check_groups_and_x(op, {"qtiles", "stiles", "ztiles"}, qtiles, stiles, ztiles, k,
                      stiles.dim() == 3 && stiles.size(0) == tiles && stiles.size(2) == kTileRows,
-                     "[tiles=" + std::to_string(tiles) + ", groups, " + std::to_string(kTileRows) + "]", &x);
+                     [tiles] {
+                       return "[tiles=" + std::to_string(tiles) + ", groups, " + std::to_string(kTileRows) + "]";
+                     },
+                     &x);
 }
 
 at::Tensor gemv_tiled(const at::Tensor& x, const at::Tensor& qtiles, const at::Tensor& stiles,
