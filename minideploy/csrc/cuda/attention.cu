@@ -687,7 +687,7 @@ decode_attention_mma_kernel(const T* __restrict__ q, const void* __restrict__ k_
       }
     }
   }
-  __syncthreads();
+  __syncthreads();  // q_frag, q_sum, block_ids
 
   // Token t's row index (slot x kv heads + kvh), or -1 past `end` or for a bad block id
   // (then zeros are loaded and the sequence is poisoned below).
@@ -923,7 +923,6 @@ __device__ __forceinline__ float block_reduce(float value, bool is_max) {
 // loads in flight a thread, and the groups add up in shared memory. One thread per dim
 // looping over the partitions instead waited one L2 round trip per partition: 16-32 of
 // them at batch 1 (see partition_tokens).
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 decode_attention_reduce_kernel(const float* __restrict__ part_out,
