@@ -1,6 +1,6 @@
-// Argument checks of the RMSNorm and RoPE kernels, shared by cpu/norm_rope.cpp and
-// cuda/norm_rope.cu: reference.py's contracts and messages, word for word, except the
-// device. Each file then checks its device, and what only it checks: a CPU the values of
+// Argument checks of the RMSNorm and RoPE kernels (and rope_store_kv's outputs), shared by
+// cpu/norm_rope.cpp and cuda/norm_rope.cu: reference.py's contracts and messages, word for
+// word, except the device. Each file then checks its device, and what only it checks: a CPU the values of
 // positions and slots (a GPU would have to synchronise), a GPU its 32-bit launch sizes.
 #pragma once
 
@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <tuple>
 
 #include "checks.h"
 
@@ -101,6 +102,18 @@ inline int64_t check_rope_store_kv_args(const char* op, const at::Tensor& qkv, i
               num_tokens, "], got ", shape_str(slots));
   check_contiguous(op, "slots", slots);
   return head_dim;
+}
+
+// rope_store_kv's outputs: new q [num_tokens, num_heads, head_dim] and k [num_tokens,
+// num_kv_heads, head_dim] for the rotated heads, and v, the view of qkv's last heads.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_store_kv_outputs(const at::Tensor& qkv,
+                                                                            int64_t num_heads,
+                                                                            int64_t num_kv_heads,
+                                                                            int64_t head_dim) {
+  const int64_t num_tokens = qkv.size(0), kv_row = num_kv_heads * head_dim;
+  return {at::empty({num_tokens, num_heads, head_dim}, qkv.options()),
+          at::empty({num_tokens, num_kv_heads, head_dim}, qkv.options()),
+          qkv.narrow(1, (num_heads + num_kv_heads) * head_dim, kv_row).view({num_tokens, num_kv_heads, head_dim})};
 }
 
 }  // namespace norm_rope_args

@@ -258,9 +258,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_store_kv(
   const auto slot_type = slots.scalar_type();
   const int64_t num_slots = k_cache.numel() / kv_row;
 
-  auto q_out = at::empty({num_tokens, num_heads, head_dim}, qkv.options());
-  auto k_out = at::empty({num_tokens, num_kv_heads, head_dim}, qkv.options());
-  auto v = qkv.narrow(1, (num_heads + num_kv_heads) * head_dim, kv_row).view({num_tokens, num_kv_heads, head_dim});
+  at::Tensor q_out, k_out, v;  // (lambdas cannot capture structured bindings in C++17)
+  std::tie(q_out, k_out, v) = rope_store_kv_outputs(qkv, num_heads, num_kv_heads, head_dim);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "rope_store_kv", [&] {
     auto run = [&](auto slot_tag) {
       using slot_t = decltype(slot_tag);

@@ -365,12 +365,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_store_kv(
   check_cuda(op, "qkv", qkv);
   TORCH_CHECK(num_heads + 2 * num_kv_heads <= INT32_MAX && head_dim <= INT32_MAX, op,
               ": qkv has too many heads for one launch");
-  const int64_t num_tokens = qkv.size(0), width = qkv.size(1), kv_row = num_kv_heads * head_dim;
+  const int64_t width = qkv.size(1), kv_row = num_kv_heads * head_dim;
   const auto slot_type = slots.scalar_type();
 
-  auto q_out = at::empty({num_tokens, num_heads, head_dim}, qkv.options());
-  auto k_out = at::empty({num_tokens, num_kv_heads, head_dim}, qkv.options());
-  auto v = qkv.narrow(1, (num_heads + num_kv_heads) * head_dim, kv_row).view({num_tokens, num_kv_heads, head_dim});
+  at::Tensor q_out, k_out, v;  // (lambdas cannot capture structured bindings in C++17)
+  std::tie(q_out, k_out, v) = rope_store_kv_outputs(qkv, num_heads, num_kv_heads, head_dim);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "rope_store_kv", [&] {
     const scalar_t* rows = qkv.data_ptr<scalar_t>();
     auto run = [&](auto slot_tag) {
