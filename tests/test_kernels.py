@@ -102,6 +102,30 @@ def test_add_rms_norm_matches_reference(device, dtype, shape):
     assert torch.equal(x, x_before) and torch.equal(residual, residual_before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_add_rms_norm_rounds_special_sums_as_torch(dtype):
+    """The CPU kernels round 8 floats at a time to 16 bits (vec8.h's from_float8): ties to
+    even, overflow to infinity, infinities, NaN and signed zeros as torch rounds them."""
+    ext = compiled("cpu")
+    info = torch.finfo(dtype)
+    ulp = info.eps  # the spacing of [1, 2)
+    pairs = [(1.0, ulp / 2), (1.0, 3 * ulp / 2), (1.0 + ulp, ulp / 2), (-1.0, -ulp / 2),
+             (info.max, info.max), (-info.max, -info.max), (info.max, info.max * ulp / 4),
+             (float("inf"), -float("inf")), (float("nan"), 1.0), (float("inf"), 1.0),
+             (-0.0, -0.0), (0.0, -0.0), (info.tiny, -info.tiny / 2), (info.smallest_normal / 4, 0.0),
+             (3.0, 2.0**-12), (-5.5, 1e-3), (1e4, 1.0), (0.1, 0.2), (65504.0, 16.0)]
+    pairs = pairs * 2 + pairs[:5]  # vectors of 8 and a tail
+    x = torch.tensor([a for a, _ in pairs], dtype=torch.float32)
+    residual = torch.tensor([b for _, b in pairs], dtype=torch.float32)
+    # The inputs as the dtype holds them; their float32 sum rounded once by torch.
+    x, residual = x.to(dtype)[None], residual.to(dtype)[None]
+    _, s = ext.add_rms_norm(x, residual, torch.ones(x.shape[1], dtype=dtype), 1e-6)
+    want = (x.float() + residual.float()).to(dtype)
+    assert torch.equal(s.isnan(), want.isnan())
+    numbers = ~want.isnan()
+    assert torch.equal(s.view(torch.int16)[numbers], want.view(torch.int16)[numbers])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", ROPE_SHAPES, ids=str)

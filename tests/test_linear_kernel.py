@@ -16,10 +16,26 @@ def test_linear_matches_reference(dtype, tokens, out_features, in_features):
     x = torch.randn(tokens, in_features).to(dtype)
     w = torch.randn(out_features, in_features).to(dtype)
     ref = F.linear(x.double(), w.double())
-    out = kernels.linear(x, w)
+    out = kernels.build.load(kernels.LINEAR, "cpu").linear(x, w)  # the kernel, whatever the dispatch
     assert out.dtype == dtype and out.shape == (tokens, out_features)
     assert kernels.backend_for(x, kernels.LINEAR) == "cpu"
+    assert ((kernels.linear(x, w).double() - ref).norm() / ref.norm()).item() < TOL[dtype]
     assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[dtype]
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_bfloat16_on_an_amx_cpu_takes_the_kernel_up_to_4_tokens(monkeypatch, amx):
+    """Where AMX multiplies bfloat16 tiles, torch's matmul takes bfloat16 steps of 5+ tokens;
+    elsewhere the kernel takes up to GEMV_MAX_TOKENS, in every dtype."""
+    monkeypatch.setattr(kernels, "_cpu_has_amx", lambda: amx)
+    calls = []
+    monkeypatch.setattr(F, "linear", lambda x, w: calls.append(x.shape[0]) or x @ w.T)
+    w = torch.randn(24, 64)
+    for dtype in (torch.bfloat16, torch.float32):
+        for tokens in (1, 4, 5, kernels.GEMV_MAX_TOKENS, kernels.GEMV_MAX_TOKENS + 1):
+            kernels.linear(torch.randn(tokens, 64).to(dtype), w.to(dtype))
+    bf16_to_torch = [5, kernels.GEMV_MAX_TOKENS] if amx else []
+    assert calls == bf16_to_torch + [kernels.GEMV_MAX_TOKENS + 1] * 2
 
 
 @pytest.mark.parametrize("out_features,in_features", [(77, 33), (129, 1000), (960, 576), (2, 9)])

@@ -17,6 +17,7 @@ every launch, turns that off (for A/B timings).
 """
 from __future__ import annotations
 
+import functools
 import os
 from types import ModuleType
 from typing import Optional
@@ -41,6 +42,12 @@ LINEAR = "linear"  # the small-batch linear (GEMV), CPU and CUDA
 # BLAS already wins at 24-32 tokens (32: 125-157 vs 100-114 GFLOP/s), so the best bound
 # depends on the machine: this one is kept.
 GEMV_MAX_TOKENS = 32
+# bfloat16 on a CPU with AMX (tile matrix units, e.g. Xeon Sapphire Rapids): torch's matmul
+# (oneDNN) multiplies bfloat16 tiles there, and beats the kernel's vector FMAs from ~5 tokens
+# on. Default model, 2 cores, one decode step's linears summed (30 layers and the LM head):
+# 8 tokens 18.3 (kernel) vs 14.2 ms (torch), 16 tokens 38.5 vs 20.4, 32 tokens 76.6 vs 23.4;
+# 2 tokens 9.4-11.3 vs 16.9-20.2, 4 tokens 19.3-19.6 vs 19.8-20.1 (a tie).
+GEMV_MAX_TOKENS_AMX_BF16 = 4
 # On an H100 the CUDA GEMV beat cuBLAS at 1 token (7B decode 163.9 vs 160.1 tok/s) but
 # ran at half its speed at 8 (574 vs 1158 tok/s; figures/decode_h100.json and the commit
 # that added it): each extra row re-reads activations per weight pack. Batch 1 only, then.
@@ -179,7 +186,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [tokens, in] @ weight[out, in]^T -> [tokens, out].
 
     A decode step (a few tokens) uses the GEMV kernels: on the CPU up to 32
-    tokens in any float dtype; on a GPU one token in fp16/bf16 with 16-byte
+    tokens in any float dtype (bfloat16 on an AMX CPU: up to 4); on a GPU one token in fp16/bf16 with 16-byte
     aligned rows (the kernel itself accepts up to 8). Everything else is torch's matmul (cuBLAS on a GPU),
     which is also the reference.
     """
@@ -204,11 +211,19 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
 
 def _gemv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.device.type == "cpu":
+        if x.dtype == torch.bfloat16 and _cpu_has_amx():
+            return x.shape[0] <= GEMV_MAX_TOKENS_AMX_BF16
         return x.shape[0] <= GEMV_MAX_TOKENS
     return (x.device.type == "cuda" and x.shape[0] <= GEMV_MAX_TOKENS_CUDA and x.is_contiguous()
             and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
             and weight.is_contiguous() and x.shape[1] % 8 == 0
             and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
+
+
+@functools.cache
+def _cpu_has_amx() -> bool:
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent in some versions
+    return bool(check and check())
 
 
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,

@@ -11,13 +11,6 @@
 
 namespace swiglu {
 
-// 8 elements rounded to scalar_t and back (a no-op for float).
-template <typename scalar_t>
-inline vec8::float8 rounded(vec8::float8 v) {
-  for (int j = 0; j < vec8::kLanes; ++j) v[j] = static_cast<float>(static_cast<scalar_t>(v[j]));
-  return v;
-}
-
 // out[i] = silu(gate[i]) * up[i] for i < width.
 template <typename scalar_t>
 inline void silu_mul_row(const scalar_t* gate, const scalar_t* up, scalar_t* out, int64_t width) {
@@ -25,8 +18,8 @@ inline void silu_mul_row(const scalar_t* gate, const scalar_t* up, scalar_t* out
   int64_t i = 0;
   for (; i + vec8::kLanes <= width; i += vec8::kLanes) {
     const float8 g = vec8::to_float8(gate + i);
-    const float8 product = rounded<scalar_t>(g / (1.0f + vec8::exp8(-g))) * vec8::to_float8(up + i);
-    for (int j = 0; j < vec8::kLanes; ++j) out[i + j] = static_cast<scalar_t>(product[j]);
+    const float8 product = vec8::round8<scalar_t>(g / (1.0f + vec8::exp8(-g))) * vec8::to_float8(up + i);
+    vec8::from_float8(out + i, product);
   }
   for (; i < width; ++i) {
     const float g = static_cast<float>(gate[i]);

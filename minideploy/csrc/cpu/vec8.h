@@ -76,6 +76,47 @@ inline float8 to_float8(const int8_t* p) {
 #endif
 }
 
+// 8 float32 values rounded to scalar_t (to nearest, ties to even, as static_cast does)
+// and stored. c10's float -> bfloat16 is a scalar function gcc does not vectorise: a
+// bfloat16 add_rms_norm of 32 x 576 took 125 us against 12 us in float32, the same kernel.
+template <typename scalar_t>
+inline void from_float8(scalar_t* p, float8 v) {
+  for (int j = 0; j < kLanes; ++j) p[j] = static_cast<scalar_t>(v[j]);
+}
+
+template <>
+inline void from_float8(float* p, float8 v) { store8(p, v); }
+
+typedef uint32_t uint32x8 __attribute__((vector_size(32)));
+
+// c10's round_to_nearest_even on 8 lanes: add 0x7FFF plus the lowest kept bit, keep the
+// upper half; NaN becomes 0x7FC0.
+template <>
+inline void from_float8(c10::BFloat16* p, float8 v) {
+  uint32x8 u;
+  std::memcpy(&u, &v, sizeof u);
+  uint32x8 bits = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : bits;
+  const uint16x8 halves = __builtin_convertvector(bits, uint16x8);
+  std::memcpy(p, &halves, sizeof halves);
+}
+
+#if defined(__F16C__)
+template <>
+inline void from_float8(c10::Half* p, float8 v) {
+  const __m128i bits = _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bits);
+}
+#endif
+
+// v rounded to scalar_t and back (a no-op for float).
+template <typename scalar_t>
+inline float8 round8(float8 v) {
+  scalar_t rounded[kLanes];
+  from_float8(rounded, v);
+  return to_float8(rounded);
+}
+
 // x in every lane (one broadcast; `float8{} + x` would also add, as 0 + -0 is +0).
 inline float8 splat8(float x) { return float8{x, x, x, x, x, x, x, x}; }
 
