@@ -22,13 +22,19 @@
 // (GQA) while each key row is in L1. Keys are scored in chunks of kChunk and the
 // softmax is kept online (running max and sum, rescaled once per chunk, as in
 // flash attention), so no buffer grows with the context. Within a chunk each head
-// takes its scores (one 8-lane FMA chain per key, four keys' chains interleaved: 4-20%
-// faster a call than one key at a time, same bits), their exponentials 8 at a time
-// (exp8), then the weighted values with the sums in registers: the loop over the
-// chunk's value rows only loads. The version before (a 16-lane partial dot summed
-// lane by lane, libm's expf per weight, the accumulators read and written back
+// takes its scores (one 8-lane FMA chain per key, eight keys' chains interleaved and
+// their lane sums taken together by sum8x8), the chunk's max, exponentials (exp8) and
+// sum 8 at a time, then the weighted values with up to 8 vectors of sums in registers:
+// the loop over the chunk's value rows only loads. Version 1 (a 16-lane partial dot
+// summed lane by lane, libm's expf per weight, the accumulators read and written back
 // for every value row) took 2.5-4 ms a layer for 32 sequences of 150-380 tokens of
-// the default model (fp32, 13 MB of K/V: a few GB/s); this one ~1 ms. Tasks run on
+// the default model (fp32, 13 MB of K/V: a few GB/s); version 2 (four keys' chains,
+// a scalar max and sum, 4 vectors of sums: their FMA chains waited on latency) ~1 ms;
+// this one, side by side with version 2 on 2 cores (32 sequences x ~256 tokens, 8 x
+// ~1000, 4 x ~500 with 32/8 heads of 128; medians of 8 calls): float32 6-25% faster
+// (one single-thread case 8% slower), bfloat16 10-15%, float16 2-2.8x (its rows were
+// converted by c10's scalar code). Software prefetches of the next chunk's rows (512
+// lines at once) made it slower: they waited for fill buffers. Tasks run on
 // at::parallel_for only when there is enough work to pay for waking the threads.
 // store_kv copies whole rows with memcpy; it is a byte copy, so every dtype shares it.
 // Quantized caches (LMDeploy's quant_policy 8 / 4; reference.quantize_kv is the spec):
@@ -55,6 +61,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "simd.h"
 #include "vec8.h"
 #include "../checks.h"
 
@@ -147,14 +154,20 @@ void store_kv_quant_impl(const scalar_t* k, const scalar_t* v, int64_t k_stride,
 // decode_attention: one task per (sequence, kv head), online softmax over chunks.
 // ---------------------------------------------------------------------------
 
-// A cache row as float32: the row itself for float, else converted into `buffer`.
+// A cache row as float32: the row itself for float, else converted into `buffer` with
+// simd.h's widest vectors (n is a multiple of kHeadDimMultiple = 8). c10's scalar conversions, which gcc does
+// not vectorise, made a bfloat16 cache slower to read than a float32 one of twice the bytes.
 template <typename scalar_t>
 inline const float* as_float(const scalar_t* row, float* buffer, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return row;
   } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(row[i]);
+    int64_t i = 0;
+    for (; i + simd::kLanes <= n; i += simd::kLanes) {  // 16 at a time with AVX-512
+      const simd::floatv v = simd::to_floatv(row + i);
+      std::memcpy(buffer + i, &v, sizeof v);
+    }
+    for (; i < n; i += kLanes) store8(buffer + i, to_float8(row + i));
     return buffer;
   }
 }
@@ -181,6 +194,23 @@ inline const float* load_row(const cache_t* cache, const float* params, int64_t 
     }
     return buffer;
   }
+}
+
+// The 8 lane sums of 8 vectors as one vector (lane j: the sum of v[j]'s lanes), by pairwise
+// shuffles and adds: 7 adds for 8 dot products where sum8 takes 3 for each.
+inline float8 sum8x8(const float8 (&v)[kLanes]) {
+  auto pairs = [](float8 a, float8 b) {  // [a0+a1, b0+b1, a2+a3, b2+b3, ...]
+    return __builtin_shufflevector(a, b, 0, 8, 2, 10, 4, 12, 6, 14) +
+           __builtin_shufflevector(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
+  };
+  auto quads = [](float8 a, float8 b) {  // lanes (0,1) + (2,3) of a, then of b, per half
+    return __builtin_shufflevector(a, b, 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(a, b, 2, 3, 10, 11, 6, 7, 14, 15);
+  };
+  const float8 low = quads(pairs(v[0], v[1]), pairs(v[2], v[3]));   // halves of v[0..3]'s sums
+  const float8 high = quads(pairs(v[4], v[5]), pairs(v[6], v[7]));  // halves of v[4..7]'s sums
+  return __builtin_shufflevector(low, high, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(low, high, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
 // acc[0 .. 8V) = alpha * acc + sum_i weight[i] * rows[i][d0 .. d0 + 8V), the V vectors of
@@ -236,59 +266,66 @@ void decode_attention_impl(const scalar_t* q, const cache_t* k_cache, const cach
       std::fill(run_max.begin(), run_max.end(), -std::numeric_limits<float>::infinity());
       std::fill(run_sum.begin(), run_sum.end(), 0.0f);
 
-      // Row index (slot * kv_heads + kv head) of token t of this kv head in a cache.
-      auto row_index = [&](int64_t t) {
-        const int64_t block = table[t / s.block_size];
-        return (block * s.block_size + t % s.block_size) * s.kv_heads + kvh;
-      };
+      // Token t's row (slot * kv_heads + kv head) in a cache, walking the block table.
+      int64_t block = 0, offset = 0;
       for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
         const int64_t n = std::min(kChunk, len - c0);
         for (int64_t i = 0; i < n; ++i) {  // the chunk's rows as float32 (float caches: in place)
-          kf[i] = load_row<Bits>(k_cache, k_params, row_index(c0 + i), &k_rows[i * hd], hd);
-          vf[i] = load_row<Bits>(v_cache, v_params, row_index(c0 + i), &v_rows[i * hd], hd);
+          const int64_t row = (table[block] * s.block_size + offset) * s.kv_heads + kvh;
+          kf[i] = load_row<Bits>(k_cache, k_params, row, &k_rows[i * hd], hd);
+          vf[i] = load_row<Bits>(v_cache, v_params, row, &v_rows[i * hd], hd);
+          if (++offset == s.block_size) offset = 0, ++block;
         }
         for (int64_t g = 0; g < group; ++g) {
           const float* qg = &qf[g * hd];
           float* sc = &scores[g * kChunk];
           int64_t i = 0;
-          for (; i + 4 <= n; i += 4) {  // scores of the chunk, 4 keys' chains interleaved
-            float8 dot0 = {}, dot1 = {}, dot2 = {}, dot3 = {};
+          for (; i + kLanes <= n; i += kLanes) {  // scores of 8 keys, their chains interleaved
+            float8 dot[kLanes] = {};
             for (int64_t d = 0; d < hd; d += kLanes) {
               const float8 qv = load8(qg + d);
-              dot0 = fma8(qv, load8(kf[i] + d), dot0);
-              dot1 = fma8(qv, load8(kf[i + 1] + d), dot1);
-              dot2 = fma8(qv, load8(kf[i + 2] + d), dot2);
-              dot3 = fma8(qv, load8(kf[i + 3] + d), dot3);
+              for (int j = 0; j < kLanes; ++j) dot[j] = fma8(qv, load8(kf[i + j] + d), dot[j]);
             }
-            sc[i] = sum8(dot0) * s.scale;
-            sc[i + 1] = sum8(dot1) * s.scale;
-            sc[i + 2] = sum8(dot2) * s.scale;
-            sc[i + 3] = sum8(dot3) * s.scale;
+            store8(sc + i, sum8x8(dot) * s.scale);
           }
           for (; i < n; ++i) {
             float8 dot = {};
             for (int64_t d = 0; d < hd; d += kLanes) dot = fma8(load8(qg + d), load8(kf[i] + d), dot);
             sc[i] = sum8(dot) * s.scale;
           }
-          float chunk_max = sc[0];  // rescale the running sums to the new max
-          for (int64_t i = 1; i < n; ++i) chunk_max = std::max(chunk_max, sc[i]);
+          // Whole vectors: the lanes past n are -inf for the max, then 0 for the sum.
+          const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
+          std::fill(sc + n, sc + padded, -std::numeric_limits<float>::infinity());
+          float8 max8 = load8(sc);
+          for (i = kLanes; i < padded; i += kLanes) max8 = max8 > load8(sc + i) ? max8 : load8(sc + i);
+          float chunk_max = max8[0];  // rescale the running sums to the new max
+          for (int j = 1; j < kLanes; ++j) chunk_max = std::max(chunk_max, max8[j]);
           const float new_max = std::max(run_max[g], chunk_max);
           const float alpha = std::exp(run_max[g] - new_max);  // 0 on the first chunk
-          // Whole vectors: the lanes past n hold whatever earlier work left there, never read.
-          for (int64_t i = 0; i < n; i += kLanes) store8(sc + i, exp8(load8(sc + i) - new_max));
-          float sum = run_sum[g] * alpha;
-          for (int64_t i = 0; i < n; ++i) sum += sc[i];
-          run_sum[g] = sum;
+          float8 sum8v = {};
+          for (i = 0; i < padded; i += kLanes) {
+            const float8 e = exp8(load8(sc + i) - new_max);
+            store8(sc + i, e);
+            sum8v += e;
+          }
+          for (i = n; i < padded; ++i) sum8v[i % kLanes] -= sc[i];  // e^-87 of the -inf lanes
+          run_sum[g] = run_sum[g] * alpha + sum8(sum8v);
           run_max[g] = new_max;
-          // The weighted values, 4 vectors of the head at a time held in registers.
-          for (int64_t d0 = 0; d0 < hd; d0 += 4 * kLanes) {
+          // The weighted values, up to 8 vectors of the head at a time held in registers (8
+          // independent FMA chains: the 4 of the version before waited on their latency).
+          for (int64_t d0 = 0; d0 < hd;) {
             float* a = &acc[g * hd + d0];
-            switch (std::min<int64_t>(4, (hd - d0) / kLanes)) {
-              case 4: weigh_values<4>(a, alpha, sc, vf, d0, n); break;
-              case 3: weigh_values<3>(a, alpha, sc, vf, d0, n); break;
-              case 2: weigh_values<2>(a, alpha, sc, vf, d0, n); break;
-              default: weigh_values<1>(a, alpha, sc, vf, d0, n); break;
+            const int64_t vectors = (hd - d0) / kLanes;
+            if (vectors >= 8) {
+              weigh_values<8>(a, alpha, sc, vf, d0, n);
+            } else if (vectors >= 4) {
+              weigh_values<4>(a, alpha, sc, vf, d0, n);
+            } else if (vectors >= 2) {
+              weigh_values<2>(a, alpha, sc, vf, d0, n);
+            } else {
+              weigh_values<1>(a, alpha, sc, vf, d0, n);
             }
+            d0 += kLanes * (vectors >= 8 ? 8 : vectors >= 4 ? 4 : vectors >= 2 ? 2 : 1);
           }
         }
       }
