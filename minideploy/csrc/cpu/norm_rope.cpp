@@ -19,10 +19,11 @@
 // All tensors are contiguous and row-major; outputs are new tensors.
 //
 // Why this design: both ops are memory-bound (a few flops per byte), so the
-// work is one pass over each row in vec8.h's 8-lane vectors, float16 and
-// bfloat16 loaded and rounded 8 at a time (c10's scalar conversions, which gcc
-// does not vectorise, made a bfloat16 add_rms_norm of 32 x 576 take 125 us
-// against 12 us in float32), and OpenMP threads over rows only when there are
+// work is one pass over each row: float32 in plain loops that gcc vectorises
+// (`#pragma omp simd`), float16 and bfloat16 in vec8.h's vectors, loaded and
+// rounded 8 at a time (c10's scalar conversions, which gcc does not vectorise,
+// made a bfloat16 add_rms_norm of 32 x 576 take 125 us against 12 us in
+// float32; vec8_part below), and OpenMP threads over rows only when there are
 // enough of them to pay for waking the threads. The arithmetic is written in
 // the reference's order, with the same roundings (to the storage dtype after
 // x * inv_rms, then again after * weight), and the build passes
