@@ -155,8 +155,9 @@ void store_kv_quant_impl(const scalar_t* k, const scalar_t* v, int64_t k_stride,
 // ---------------------------------------------------------------------------
 
 // A cache row as float32: the row itself for float, else converted into `buffer` with
-// simd.h's widest vectors (n is a multiple of kHeadDimMultiple = 8). c10's scalar conversions, which gcc does
-// not vectorise, made a bfloat16 cache slower to read than a float32 one of twice the bytes.
+// simd.h's widest vectors (n is a multiple of kHeadDimMultiple = 8). c10's scalar
+// conversions, which gcc does not vectorise, made a float16 cache slower to read than
+// a float32 one of twice the bytes.
 template <typename scalar_t>
 inline const float* as_float(const scalar_t* row, float* buffer, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -302,30 +303,25 @@ void decode_attention_impl(const scalar_t* q, const cache_t* k_cache, const cach
           for (int j = 1; j < kLanes; ++j) chunk_max = std::max(chunk_max, max8[j]);
           const float new_max = std::max(run_max[g], chunk_max);
           const float alpha = std::exp(run_max[g] - new_max);  // 0 on the first chunk
-          float8 sum8v = {};
-          for (i = 0; i < padded; i += kLanes) {
-            const float8 e = exp8(load8(sc + i) - new_max);
-            store8(sc + i, e);
-            sum8v += e;
-          }
-          for (i = n; i < padded; ++i) sum8v[i % kLanes] -= sc[i];  // e^-87 of the -inf lanes
-          run_sum[g] = run_sum[g] * alpha + sum8(sum8v);
+          for (i = 0; i < padded; i += kLanes) store8(sc + i, exp8(load8(sc + i) - new_max));
+          std::fill(sc + n, sc + padded, 0.0f);  // exp8 clamps: -inf gave e^-87, not 0
+          float8 sum = {};
+          for (i = 0; i < padded; i += kLanes) sum += load8(sc + i);
+          run_sum[g] = run_sum[g] * alpha + sum8(sum);
           run_max[g] = new_max;
           // The weighted values, up to 8 vectors of the head at a time held in registers (8
           // independent FMA chains: the 4 of the version before waited on their latency).
           for (int64_t d0 = 0; d0 < hd;) {
             float* a = &acc[g * hd + d0];
-            const int64_t vectors = (hd - d0) / kLanes;
-            if (vectors >= 8) {
-              weigh_values<8>(a, alpha, sc, vf, d0, n);
-            } else if (vectors >= 4) {
-              weigh_values<4>(a, alpha, sc, vf, d0, n);
-            } else if (vectors >= 2) {
-              weigh_values<2>(a, alpha, sc, vf, d0, n);
-            } else {
-              weigh_values<1>(a, alpha, sc, vf, d0, n);
+            const int64_t left = (hd - d0) / kLanes;  // vectors of the head still to weigh
+            const int take = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+            switch (take) {
+              case 8: weigh_values<8>(a, alpha, sc, vf, d0, n); break;
+              case 4: weigh_values<4>(a, alpha, sc, vf, d0, n); break;
+              case 2: weigh_values<2>(a, alpha, sc, vf, d0, n); break;
+              default: weigh_values<1>(a, alpha, sc, vf, d0, n); break;
             }
-            d0 += kLanes * (vectors >= 8 ? 8 : vectors >= 4 ? 4 : vectors >= 2 ? 2 : 1);
+            d0 += kLanes * take;
           }
         }
       }
