@@ -186,9 +186,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [tokens, in] @ weight[out, in]^T -> [tokens, out].
 
     A decode step (a few tokens) uses the GEMV kernels: on the CPU up to 32
-    tokens in any float dtype (bfloat16 on an AMX CPU: up to 4); on a GPU one token in fp16/bf16 with 16-byte
-    aligned rows (the kernel itself accepts up to 8). Everything else is torch's matmul (cuBLAS on a GPU),
-    which is also the reference.
+    tokens in any float dtype (bfloat16 on an AMX CPU: up to 4); on a GPU one
+    token in fp16/bf16 with 16-byte aligned rows (the kernel itself accepts up
+    to 8). Everything else is torch's matmul (cuBLAS on a GPU), which is also
+    the reference.
     """
     if x.dim() == 2 and _gemv_fits(x, weight):
         ext = _extension(LINEAR, x.device)
