@@ -54,6 +54,14 @@
 //   fp16 against 2.20x): the merge is the same serial round trips through L2, now inside
 //   the kernel. Single timed calls were 2-3 us faster (one launch fewer). It needed a
 //   zeroed counter buffer per device that outlives captured CUDA graphs.
+//   Tried, not kept (H100, 2026-11-27): the partitions of a split as one thread-block
+//   cluster (sm_90; up to 16 blocks, partitions widened to fit), merging through
+//   distributed shared memory (two cluster barriers) instead of the reduce kernel.
+//   Graph-replayed against this code in one run: slower nearly everywhere, 32q/8kv batch
+//   1 x 4k 14.3 -> 16.2 us (16 blocks a cluster; 22.0 with 8), batch 4 x 4k 33.2 -> 48.9 us
+//   (the same 8 partitions of 512, only the merge changed), batch 16 x 4k 82% -> 69%
+//   of read bandwidth, 7B batch 16 x 4k 100% -> 91%: a cluster's blocks are placed
+//   together and hold their SM slots until the slowest has finished its partition.
 //   GQA with float16/bfloat16 rows of 128 and groups of 4..16 heads runs a second kernel
 //   on tensor cores instead (decode_attention_mma_kernel, its comment says why and how),
 //   with the same split, partials and reduce.
