@@ -576,6 +576,20 @@ decode_attention_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
 // of read bandwidth): 32q/8kv batch 16 x 16k 75% -> 86%, batch 4 x 16k 69% -> 76%,
 // batch 1 x 4k 28% -> 33%; 32q/4kv batch 16 x 16k 26% -> 79%, batch 4 x 4k 13% -> 47%.
 // Without the second buffer it was 10-30% slower than the partition kernel at g = 4.
+// What bounds it (ncu, H100, 32q/8kv batch 16 x 8k): 255 registers (241 int8, 216 int4) hold an
+// SM to 2 blocks, 8 warps; issue slots 33-45% busy; stalls mostly fixed-latency dependencies
+// and memory. float16 reaches 86-89% there; int8 and int4 process tokens at the float16 rate
+// (half and a quarter of its bandwidth). Tried on an H100 against this code (2026-11-27,
+// graph-replayed, same run; not kept):
+//  - a ring of 3 (int8) / 4 (int4) register tiles instead of 2: int8 batch 16 x 8k 51% -> 44%,
+//    int4 28% -> 26% of read bandwidth (ptxas spilled a little at 255 registers);
+//  - the scores' k-steps in two chains of 4 mmas (not one of 8), and the rescale of O skipped
+//    when no row's maximum grew: within 1% everywhere;
+//  - the tiles copied into a shared-memory ring per warp (cp.async, 2 / 3 / 4 stages), read
+//    back into registers one tile at a time: 147-168 registers, 3 blocks an SM, but float16
+//    batch 64 x 4k 89% -> 58%, batch 1 x 16k 67% -> 39%; int8 51% -> 55%, int4 27% -> 34% at
+//    batch 16-64 and slower at batch 1-4. A register tile is used as its bytes arrive; a
+//    stage only once the whole tile has landed.
 constexpr int kMmaWarps = 4;
 constexpr int kMmaThreads = kMmaWarps * kWarpSize;
 constexpr int kMmaTile = 16;        // tokens a warp computes at a time
