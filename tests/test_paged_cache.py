@@ -5,8 +5,8 @@ import torch
 
 from minideploy.cache.block_manager import BlockManager
 from minideploy import kernels
-from minideploy.cache.kv_cache import (PagedKVCache, key_calibration_windows, key_rotation, kv_bytes_per_token,
-                                      mean_keys, num_blocks_for)
+from minideploy.cache.kv_cache import (PagedKVCache, free_memory_bytes, key_calibration_windows, key_rotation,
+                                      kv_bytes_per_token, mean_keys, num_blocks_for)
 from minideploy.config import EngineConfig, ModelConfig
 from minideploy.engine.cuda_graphs import DecodeGraphs
 from minideploy.engine.model_runner import ModelRunner, Row, graph_buckets
@@ -213,6 +213,18 @@ def test_sizing_by_count_and_by_fraction():
                        num_kv_heads=64, head_dim=128)
     with pytest.raises(ValueError, match="the KV cache gets no block"):
         num_blocks_for(huge, EngineConfig(cache_max_entry_count=0.01), torch.float16, cpu)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_sizing_counts_memory_torch_holds_unused():
+    """Blocks torch's allocator keeps after a tensor is freed are free memory for the cache."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    held = 1 << 30
+    torch.empty(held, dtype=torch.uint8, device=device)  # freed at once, kept in torch's cache
+    driver_free = torch.cuda.mem_get_info(device)[0]
+    assert torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) >= held
+    assert free_memory_bytes(device) >= driver_free + held
 
 
 def test_paged_cache_needs_runner_metadata():

@@ -93,8 +93,14 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype, quant_policy: in
 
 
 def free_memory_bytes(device: torch.device) -> int:
-    """Memory still free on the device: the CUDA allocator's view, or the OS's MemAvailable."""
+    """Memory still free on the device: the driver's view, or the OS's MemAvailable.
+
+    On a GPU torch's caching allocator first returns the blocks it holds unused (as LMDeploy
+    does before sizing its cache): the driver counts them as taken, and whatever ran before
+    (a benchmark's buffers, a previous engine) would otherwise shrink the cache by their size.
+    """
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         return torch.cuda.mem_get_info(device)[0]
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
