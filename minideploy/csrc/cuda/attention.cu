@@ -1790,6 +1790,9 @@ void launch_decode_quant_rows(const QuantBuffers& d, const DecodeParams& p, int6
 // partitions where every SM already held a block. Before the parallel reduce (2026-11-26),
 // half the SMs had beaten both 512-token partitions (GQA batch 1 x 4k 30 -> 22 us) and
 // blocks up to 2x the SMs (31 us), each partition then costing the reduce a round trip.
+// Short caches (H100, 2026-11-27, graph-replayed against this rule): no split up to 512 tokens
+// took 7B batch 1 x 256 tokens from 7.6 to 8.7 us (32q/8kv: 7.2 -> 10.4 us), partitions of at
+// least 128 tokens to 8.6 us; only at 128 tokens were both faster (6.7 -> 5.3 us).
 int partition_tokens(int64_t streams, int64_t capacity, int device) {
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
