@@ -23,24 +23,19 @@ def test_linear_matches_reference(dtype, tokens, out_features, in_features):
     assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[dtype]
 
 
-@pytest.mark.parametrize("amx,avx512", [(True, True), (False, True), (False, False)])
-def test_cpu_linear_bounds_by_instruction_set(monkeypatch, amx, avx512):
+@pytest.mark.parametrize("amx", [True, False])
+def test_bfloat16_on_an_amx_cpu_takes_the_kernel_up_to_4_tokens(monkeypatch, amx):
     """Where AMX multiplies bfloat16 tiles, torch's matmul takes bfloat16 steps of 5+ tokens;
-    with AVX-512, float32 steps of 25+; elsewhere the kernel takes up to GEMV_MAX_TOKENS."""
+    elsewhere the kernel takes up to GEMV_MAX_TOKENS, in every dtype."""
     monkeypatch.setattr(kernels, "_cpu_has_amx", lambda: amx)
-    monkeypatch.setattr(kernels, "_cpu_has_avx512", lambda: avx512)
     calls = []
-    monkeypatch.setattr(F, "linear", lambda x, w: calls.append((x.dtype, x.shape[0])) or x @ w.T)
+    monkeypatch.setattr(F, "linear", lambda x, w: calls.append(x.shape[0]) or x @ w.T)
     w = torch.randn(24, 64)
-    steps = (1, 4, 5, 24, 25, kernels.GEMV_MAX_TOKENS, kernels.GEMV_MAX_TOKENS + 1)
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for tokens in steps:
+    for dtype in (torch.bfloat16, torch.float32):
+        for tokens in (1, 4, 5, kernels.GEMV_MAX_TOKENS, kernels.GEMV_MAX_TOKENS + 1):
             kernels.linear(torch.randn(tokens, 64).to(dtype), w.to(dtype))
-    bf16_from = 5 if amx else kernels.GEMV_MAX_TOKENS + 1
-    f32_from = kernels.GEMV_MAX_TOKENS_AVX512_FLOAT + 1 if avx512 else kernels.GEMV_MAX_TOKENS + 1
-    assert calls == ([(torch.bfloat16, t) for t in steps if t >= bf16_from]
-                     + [(torch.float16, kernels.GEMV_MAX_TOKENS + 1)]
-                     + [(torch.float32, t) for t in steps if t >= f32_from])
+    bf16_to_torch = [5, kernels.GEMV_MAX_TOKENS] if amx else []
+    assert calls == bf16_to_torch + [kernels.GEMV_MAX_TOKENS + 1] * 2
 
 
 @pytest.mark.parametrize("out_features,in_features", [(77, 33), (129, 1000), (960, 576), (2, 9)])

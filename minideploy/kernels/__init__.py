@@ -38,14 +38,12 @@ LINEAR = "linear"  # the small-batch linear (GEMV), CPU and CUDA
 # Above this many tokens a linear is a matrix product with weight reuse: BLAS's job. On 2
 # CPU cores the kernel (csrc/cpu/linear.cpp, version 4) beat torch's BLAS at 1-32 tokens on
 # the default model's shapes (100-125 vs 20-120 GFLOP/s; the LM head 36-95 vs 6-60) and
-# lost to it from 64 on. That machine had AVX2; with AVX-512 see the next bound.
+# lost to it from 64 on. That machine had AVX2. On one with AVX-512 (a 2-core Xeon, one
+# decode step's float32 linears, 30 layers and the LM head), the kernel's 16-lane build
+# against torch's BLAS (oneDNN): 24 tokens 69.6 vs 81.2 ms, 28: 74.9 vs 82.3, 32: 68.7 vs
+# 73.4, with the 4 x 6 tiles it takes beyond 8 tokens (linear.cpp); its 3 x 8 tiles had lost
+# to BLAS from ~26 tokens on (32 tokens, another run: 68.7 vs 57.6 ms).
 GEMV_MAX_TOKENS = 32
-# float32 on a CPU with AVX-512: torch's BLAS (oneDNN) multiplies 25+ rows faster than the
-# kernel's 16-lane build. Default model, 2 cores (Xeon), one decode step's float32 linears
-# (30 layers and the LM head), kernel vs torch: 20 tokens 51.5 vs 60.6 ms, 24: 59.4 vs 65.1,
-# 28: 67.7 vs 61.5, 32: 68.7 vs 57.6. A serving decode step (engine, interleaved): batch 32
-# 105.4 -> 90.6 ms, batch 28 108.2 -> 102.5 ms with this bound instead of GEMV_MAX_TOKENS.
-GEMV_MAX_TOKENS_AVX512_FLOAT = 24
 # bfloat16 on a CPU with AMX (tile matrix units, e.g. Xeon Sapphire Rapids): torch's matmul
 # (oneDNN) multiplies bfloat16 tiles there, and beats the kernel's vector FMAs from ~5 tokens
 # on. Default model, 2 cores, one decode step's linears summed (30 layers and the LM head):
@@ -190,10 +188,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [tokens, in] @ weight[out, in]^T -> [tokens, out].
 
     A decode step (a few tokens) uses the GEMV kernels: on the CPU up to 32
-    tokens in any float dtype (float32 with AVX-512: up to 24; bfloat16 on an
-    AMX CPU: up to 4); on a GPU one token in fp16/bf16 with 16-byte aligned rows
-    (the kernel itself accepts up to 8). Everything else is torch's matmul
-    (cuBLAS on a GPU), which is also the reference.
+    tokens in any float dtype (bfloat16 on an AMX CPU: up to 4); on a GPU one
+    token in fp16/bf16 with 16-byte aligned rows (the kernel itself accepts up
+    to 8). Everything else is torch's matmul (cuBLAS on a GPU), which is also
+    the reference.
     """
     if x.dim() == 2 and _gemv_fits(x, weight):
         ext = _extension(LINEAR, x.device)
@@ -218,18 +216,11 @@ def _gemv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.device.type == "cpu":
         if x.dtype == torch.bfloat16 and _cpu_has_amx():
             return x.shape[0] <= GEMV_MAX_TOKENS_AMX_BF16
-        if x.dtype == torch.float32 and _cpu_has_avx512():
-            return x.shape[0] <= GEMV_MAX_TOKENS_AVX512_FLOAT
         return x.shape[0] <= GEMV_MAX_TOKENS
     return (x.device.type == "cuda" and x.shape[0] <= GEMV_MAX_TOKENS_CUDA and x.is_contiguous()
             and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
             and weight.is_contiguous() and x.shape[1] % 8 == 0
             and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
-
-
-@functools.cache
-def _cpu_has_avx512() -> bool:
-    return torch.backends.cpu.get_cpu_capability() == "AVX512"  # what torch's own kernels use
 
 
 @functools.cache

@@ -11,10 +11,14 @@
 // bandwidth a plain sum reaches. Here each thread walks its own block of weight
 // rows exactly once, front to back (the hardware prefetcher's best case), and
 // dots each row with all M activation rows while the row is in L1.
-// kRows = 3 weight rows and kTile = 4 activation rows per pass (8 with AVX-512's 32
-// registers: 8-32 tokens 10-40% faster than 4): 12 (24) independent vector sums.
-// Each sum is a chain of dependent FMAs (4-5 cycles each), so a core needs about
-// ten chains in flight to keep its two vector pipes busy.
+// A pass holds R weight rows x T activation rows of sums in registers (linear_impl picks
+// R x T): 3 x 4 with AVX2 (12 sums), with AVX-512's 32 registers 3 x 8 (T = 8 made 8-32
+// tokens 10-40% faster than 4) up to 8 tokens and 4 x 6 beyond, in passes as even as the
+// tokens divide. Each sum is a chain of dependent FMAs (4-5 cycles each), so a core needs
+// about ten chains in flight to keep its two vector pipes busy. 4 x 6 against 3 x 8 (default
+// model, one decode step's float32 linears, 2 cores, side by side): 12 tokens 36.9 -> 34.0
+// ms, 16: 55.3 -> 51.0, 20: 55.3 -> 46.2, 24: 79.6 -> 71.8, 32: 101.9 -> 89.0; 8 tokens
+// 33.4 -> 37.7 (two passes of 4), hence 3 x 8 there. 5 x 5 and 6 x 4 measured as 4 x 6.
 // Version 4 (this one) accumulates with fused multiply-adds and sums each
 // vector's lanes by a fixed halving tree. Version 3 (same tiles, a multiply then
 // an add, lanes summed one by one): the compiler had no register left for the
@@ -47,11 +51,10 @@ namespace {
 
 using namespace simd;
 
-// Activation rows per pass over the weight rows: kRows x kTile sums in registers, beside
-// kRows weight vectors and one activation vector (AVX-512 has 32 registers, AVX2 16).
-constexpr int kTile = simd::kLanes == 16 ? 8 : 4;
-constexpr int kRows = 3;  // weight rows per pass
-// Rows per parallel task: a few KB of weights, enough to amortise scheduling.
+// A pass over R weight rows keeps R x T sums in registers (T activation rows), beside R weight
+// vectors and one activation vector: AVX-512 has 32 registers, AVX2 16.
+// Rows per parallel task: a few KB of weights, enough to amortise scheduling (a multiple of
+// every R below).
 constexpr int64_t kRowsPerTask = 36;
 
 // out[m * out_stride + r] = x[m] . w[r] for R weight rows w[r] = w + r * k_size and T
@@ -94,43 +97,61 @@ inline void dot_tile(const scalar_t* __restrict x, const weight_t* __restrict w,
   }
 }
 
-// R weight rows against all m_size activation rows, kTile at a time.
-template <int R, typename scalar_t, typename weight_t>
-inline void row_block(const scalar_t* x, const weight_t* w, const float* scale, scalar_t* out,
-                      int64_t m_size, int64_t n_size, int64_t k_size) {
-  int64_t m = 0;
-  for (; m + kTile <= m_size; m += kTile) {
-    dot_tile<R, kTile>(x + m * k_size, w, scale, k_size, out + m * n_size, n_size, m == 0);
-  }
-  const scalar_t* xm = x + m * k_size;
-  scalar_t* om = out + m * n_size;
-  switch (m_size - m) {
-    case 7: dot_tile<R, 7>(xm, w, scale, k_size, om, n_size, m == 0); break;
-    case 6: dot_tile<R, 6>(xm, w, scale, k_size, om, n_size, m == 0); break;
-    case 5: dot_tile<R, 5>(xm, w, scale, k_size, om, n_size, m == 0); break;
-    case 4: dot_tile<R, 4>(xm, w, scale, k_size, om, n_size, m == 0); break;
-    case 3: dot_tile<R, 3>(xm, w, scale, k_size, om, n_size, m == 0); break;
-    case 2: dot_tile<R, 2>(xm, w, scale, k_size, om, n_size, m == 0); break;
-    case 1: dot_tile<R, 1>(xm, w, scale, k_size, om, n_size, m == 0); break;
-    default: break;
+// dot_tile<R, tokens> for tokens in 1..T (a pass's row count is known only at run time).
+template <int R, int T, typename scalar_t, typename weight_t>
+inline void pass(int64_t tokens, const scalar_t* x, const weight_t* w, const float* scale,
+                 int64_t k_size, scalar_t* out, int64_t out_stride, bool prefetch_next) {
+  if constexpr (T > 0) {
+    if (tokens == T) {
+      dot_tile<R, T>(x, w, scale, k_size, out, out_stride, prefetch_next);
+    } else {
+      pass<R, T - 1>(tokens, x, w, scale, k_size, out, out_stride, prefetch_next);
+    }
   }
 }
 
+// R weight rows against all m_size activation rows, in passes of at most T rows as even as
+// they divide (20 tokens at T = 6: 5 + 5 + 5 + 5, not 6 + 6 + 6 + 2): each pass reads the R
+// weight rows again (from L1), so a short last pass costs nearly a full one.
+template <int R, int T, typename scalar_t, typename weight_t>
+inline void row_block(const scalar_t* x, const weight_t* w, const float* scale, scalar_t* out,
+                      int64_t m_size, int64_t n_size, int64_t k_size) {
+  const int64_t passes = (m_size + T - 1) / T;
+  for (int64_t p = 0, m = 0; p < passes; ++p) {
+    const int64_t tokens = (m_size - m) / (passes - p);
+    pass<R, T>(tokens, x + m * k_size, w, scale, k_size, out + m * n_size, n_size, m == 0);
+    m += tokens;
+  }
+}
+
+// Rows [n, end) of a task, R at a time; the last end - n < R rows in one block of that size.
+template <int R, int T, typename scalar_t, typename weight_t>
+inline void row_blocks(int64_t n, int64_t end, const scalar_t* x, const weight_t* w, const float* scale,
+                       scalar_t* out, int64_t m_size, int64_t n_size, int64_t k_size) {
+  if constexpr (R > 0) {
+    for (; n + R <= end; n += R) {
+      row_block<R, T>(x, w + n * k_size, scale ? scale + n : nullptr, out + n, m_size, n_size, k_size);
+    }
+    row_blocks<R - 1, T>(n, end, x, w, scale, out, m_size, n_size, k_size);
+  }
+}
+
+// Tiles by vector width and tokens. AVX-512: 3 weight rows x 8 tokens (24 sums) up to 8
+// tokens, 4 x 6 beyond; AVX2: 3 x 4 (12 sums). Each sum is a chain of dependent FMAs (4-5
+// cycles each): a core needs about ten chains in flight to keep its two vector pipes busy.
 // scale: one float32 per weight row (int8 weights), or null (float weights).
 template <typename scalar_t, typename weight_t>
 void linear_impl(const scalar_t* x, const weight_t* weight, const float* scale, scalar_t* out,
                  int64_t m_size, int64_t n_size, int64_t k_size) {
   at::parallel_for(0, n_size, kRowsPerTask, [&](int64_t begin, int64_t end) {
-    auto rows = [&](auto count, int64_t n) {
-      row_block<decltype(count)::value>(x, weight + n * k_size, scale ? scale + n : nullptr,
-                                        out + n, m_size, n_size, k_size);
-    };
-    int64_t n = begin;
-    for (; n + kRows <= end; n += kRows) rows(std::integral_constant<int, kRows>{}, n);
-    switch (end - n) {
-      case 2: rows(std::integral_constant<int, 2>{}, n); break;
-      case 1: rows(std::integral_constant<int, 1>{}, n); break;
-      default: break;
+    if constexpr (simd::kLanes == 16) {
+      if (m_size > 8) {
+        row_blocks<4, 6>(begin, end, x, weight, scale, out, m_size, n_size, k_size);
+      } else {
+        row_blocks<3, 8>(begin, end, x, weight, scale, out, m_size, n_size, k_size);
+      }
+    } else {
+      row_blocks<3, 4>(begin, end, x, weight, scale, out, m_size, n_size, k_size);
     }
   });
 }
