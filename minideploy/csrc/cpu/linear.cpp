@@ -51,10 +51,7 @@ namespace {
 
 using namespace simd;
 
-// A pass over R weight rows keeps R x T sums in registers (T activation rows), beside R weight
-// vectors and one activation vector: AVX-512 has 32 registers, AVX2 16.
-// Rows per parallel task: a few KB of weights, enough to amortise scheduling (a multiple of
-// every R below).
+// Rows per parallel task: a few KB of weights, enough to amortise scheduling.
 constexpr int64_t kRowsPerTask = 36;
 
 // out[m * out_stride + r] = x[m] . w[r] for R weight rows w[r] = w + r * k_size and T
@@ -136,9 +133,8 @@ inline void row_blocks(int64_t n, int64_t end, const scalar_t* x, const weight_t
   }
 }
 
-// Tiles by vector width and tokens. AVX-512: 3 weight rows x 8 tokens (24 sums) up to 8
-// tokens, 4 x 6 beyond; AVX2: 3 x 4 (12 sums). Each sum is a chain of dependent FMAs (4-5
-// cycles each): a core needs about ten chains in flight to keep its two vector pipes busy.
+// R x T by vector width and tokens (measured in the header): R x T sums, R weight vectors and
+// one activation vector fit AVX-512's 32 registers (AVX2: 16).
 // scale: one float32 per weight row (int8 weights), or null (float weights).
 template <typename scalar_t, typename weight_t>
 void linear_impl(const scalar_t* x, const weight_t* weight, const float* scale, scalar_t* out,
