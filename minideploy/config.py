@@ -163,7 +163,10 @@ class EngineConfig:
     quant_policy: KV-cache quantization, 0 (none), 8 (int8) or 4 (int4).
     tp: tensor-parallel degree (number of devices or processes).
     max_prefill_token_num: new prompt tokens one prefill step may compute (a longer
-        prompt runs alone).
+        prompt runs alone); None: 8192 on a GPU (LMDeploy's default), 2048 on a CPU, where
+        a step's activations then stay in the caches (the default model's linears: ~15%
+        more FLOP/s at 1024-2048 rows than at 4096, and 32 prompts of 32-256 tokens
+        prefilled in 3 steps instead of 1 took 6% less time, 2 cores, interleaved runs).
     eager_mode: on a GPU, launch every decode step's kernels from Python instead of
         replaying CUDA graphs captured per batch bucket (graphs are the default, as in
         LMDeploy's PyTorch engine; single device only).
@@ -181,7 +184,7 @@ class EngineConfig:
     cache_block_seq_len: int = 64
     quant_policy: int = 0
     tp: int = 1
-    max_prefill_token_num: int = 8192
+    max_prefill_token_num: Optional[int] = None
     eager_mode: bool = False
     lm_head_int8: bool = False
 
@@ -211,13 +214,19 @@ class EngineConfig:
         if self.lm_head_int8 and self.tp > 1:
             raise ValueError("EngineConfig.lm_head_int8 needs tp=1 (the tensor-parallel LM head is split by "
                              f"vocabulary rows and stays float), got tp={self.tp}")
-        if self.max_prefill_token_num < 1:
+        if self.max_prefill_token_num is not None and self.max_prefill_token_num < 1:
             raise ValueError(f"EngineConfig.max_prefill_token_num must be >= 1, got {self.max_prefill_token_num}")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def prefill_tokens(self, device: torch.device) -> int:
+        """max_prefill_token_num, or its default for an engine on `device`."""
+        if self.max_prefill_token_num is not None:
+            return self.max_prefill_token_num
+        return 8192 if device.type == "cuda" else 2048
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype != "auto":

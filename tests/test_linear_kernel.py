@@ -90,6 +90,61 @@ def test_bad_inputs_name_the_argument():
         ext.linear(torch.randn(2, 8), torch.randn(8, 4).t())
 
 
+@pytest.mark.parametrize("tokens,out_features,in_features",
+                         [(1, 960, 576), (3, 77, 33), (16, 1, 5), (7, 129, 1000), (13, 48, 1), (29, 960, 576),
+                          (32, 50, 1536), (33, 40, 24)])
+def test_tiled_linear_matches_reference(tokens, out_features, in_features):
+    """The float32 weight in tiles of rows (ragged last tile, odd tile counts, 1..3 token
+    passes); past GEMV_MAX_TOKENS the untiled weight goes to torch's matmul."""
+    x = torch.randn(tokens, in_features)
+    w = torch.randn(out_features, in_features)
+    rows = kernels.linear_tile_rows(x.device)
+    tiles = kernels.reference.tile_rows(w, rows)
+    ref = F.linear(x.double(), w.double())
+    out = kernels.linear_tiled(x, tiles, out_features)
+    assert out.shape == (tokens, out_features) and out.dtype == torch.float32
+    assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[torch.float32]
+    if tokens <= kernels.GEMV_MAX_TOKENS:
+        kernel = kernels.build.load(kernels.LINEAR, "cpu").linear_tiled(x, tiles, out_features)
+        assert torch.equal(out, kernel)
+
+
+def test_a_tiled_rows_result_does_not_depend_on_the_other_rows():
+    """Each output is one chain of FMAs over k in order, whatever the pass it is in: token i
+    of a 29-token step (passes of 10, 10, 9 with AVX-512) equals that token alone."""
+    x = torch.randn(29, 576)
+    w = torch.randn(100, 576)
+    tiles = kernels.reference.tile_rows(w, kernels.linear_tile_rows(x.device))
+    together = kernels.linear_tiled(x, tiles, 100)
+    for i in range(29):
+        assert torch.equal(together[i:i + 1], kernels.linear_tiled(x[i:i + 1], tiles, 100))
+
+
+def test_portable_tiled_kernel_matches_reference(portable_cpu_extension):
+    x = torch.randn(21, 200)
+    w = torch.randn(45, 200)
+    tiles = kernels.reference.tile_rows(w, portable_cpu_extension.tile_rows())
+    ref = F.linear(x.double(), w.double())
+    out = portable_cpu_extension.linear_tiled(x, tiles, 45)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[torch.float32]
+
+
+def test_tiled_linear_bad_inputs_name_the_argument():
+    ext = kernels.build.load(kernels.LINEAR, "cpu")
+    rows = ext.tile_rows()
+    tiles = kernels.reference.tile_rows(torch.randn(20, 8), rows)
+    with pytest.raises(RuntimeError, match="tiles must be float32"):
+        ext.linear_tiled(torch.randn(2, 8), tiles, 2 * rows + 1)  # one tile too few
+    with pytest.raises(RuntimeError, match="tiles must be float32"):
+        ext.linear_tiled(torch.randn(2, 9), tiles, 20)  # in_features differ
+    with pytest.raises(RuntimeError, match="tiles must be float32"):
+        ext.linear_tiled(torch.randn(2, 8), tiles.double(), 20)
+    with pytest.raises(RuntimeError, match="x must be a 2-D float32"):
+        ext.linear_tiled(torch.randn(2, 8).half(), tiles, 20)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ext.linear_tiled(torch.randn(2, 8), tiles.transpose(0, 1).contiguous().transpose(0, 1), 20)
+
+
 def random_int8_weight(out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)
     return q, torch.rand(out_features) * 0.1

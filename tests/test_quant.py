@@ -118,7 +118,7 @@ CPU_OR_CUDA = ["cpu", pytest.param("cuda", marks=[
 
 @pytest.mark.parametrize("device", CPU_OR_CUDA)
 def test_tiled_w4a16_linears_give_the_same_logits_and_checkpoint(device, kernel_mode):
-    """tile_w4a16_linears_ (what the engine's runners call) swaps every int4 linear for its
+    """tile_linears_ (what the engine's runners call) swaps every int4 linear for its
     device kernel's tile layout: logits bit for bit as before (prefill of 18 tokens: on a
     CPU dequantize + matmul, on a GPU the GEMV in chunks; decode: the GEMV), the same
     AutoAWQ tensors out, and a second call changes nothing. On a GPU a layer whose
@@ -127,7 +127,7 @@ def test_tiled_w4a16_linears_give_the_same_logits_and_checkpoint(device, kernel_
 
     from minideploy.config import QuantConfig
     from minideploy.models import ForwardContext, KVCache
-    from minideploy.quant import W4A16Linear, W4A16TiledLinear, quantize_model_, tile_w4a16_linears_
+    from minideploy.quant import W4A16Linear, W4A16TiledLinear, quantize_model_, tile_linears_
     from minideploy.quant.checkpoint import awq_state_dict
 
     kernel_mode("compiled")
@@ -135,7 +135,7 @@ def test_tiled_w4a16_linears_give_the_same_logits_and_checkpoint(device, kernel_
     config = ModelConfig(vocab_size=100, hidden_size=128, intermediate_size=160, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=32, max_position_embeddings=32)
     rows = quantize_model_(random_model(config, dtype, device), QuantConfig(4, 32))
-    tiled = tile_w4a16_linears_(copy.deepcopy(rows))
+    tiled = tile_linears_(copy.deepcopy(rows))
     kinds = {name.split(".")[-1]: type(module) for name, module in decoder_linears(tiled)}
     # down's in_features, 160, is no multiple of 128: the CUDA kernel's tiles do not fit it.
     assert kinds == {"qkv": W4A16TiledLinear, "o": W4A16TiledLinear, "gate_up": W4A16TiledLinear,
@@ -156,7 +156,44 @@ def test_tiled_w4a16_linears_give_the_same_logits_and_checkpoint(device, kernel_
     expected = awq_state_dict(rows)
     assert all(torch.equal(t, expected[name]) for name, t in awq_state_dict(tiled).items())
     modules = [module for _, module in decoder_linears(tiled)]
-    assert [module for _, module in decoder_linears(tile_w4a16_linears_(tiled))] == modules
+    assert [module for _, module in decoder_linears(tile_linears_(tiled))] == modules
+
+
+def test_tiled_float_linears_on_a_cpu(kernel_mode):
+    """On a CPU tile_linears_ also puts every float32 decoder linear in the GEMV kernel's
+    tiles (TiledLinear): the same logits up to float rounding (the tiled GEMV sums each
+    output in one chain over k, the row kernel in lanes), greedy tokens alike, `weight`
+    gives the weight back, the LM head (tied to the embedding) and float16 models stay."""
+    import copy
+
+    from minideploy.models import ForwardContext, KVCache
+    from minideploy.models.llama import Linear, TiledLinear
+    from minideploy.quant import tile_linears_
+
+    kernel_mode("compiled")
+    config = ModelConfig(vocab_size=100, hidden_size=128, intermediate_size=160, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=32, max_position_embeddings=32)
+    rows = random_model(config, torch.float32, "cpu")
+    tiled = tile_linears_(copy.deepcopy(rows))
+    assert {type(module) for _, module in decoder_linears(tiled)} == {TiledLinear}
+    assert type(tiled.lm_head) is Linear
+    for (_, a), (_, b) in zip(decoder_linears(rows), decoder_linears(tiled)):
+        assert torch.equal(a.weight, b.weight)
+    half = tile_linears_(random_model(config, torch.float16, "cpu"))
+    assert {type(module) for _, module in decoder_linears(half)} == {Linear}
+    ids = torch.randint(0, 100, (3, 10))
+
+    def logits(model):
+        cache = KVCache(config, 3, 10, torch.float32, "cpu")
+        positions = torch.arange(9).expand(3, -1)
+        with torch.inference_mode():
+            prompt = model(ids[:, :9], ForwardContext(positions, 9), cache)
+            step = model(ids[:, 9:], ForwardContext(torch.full((3, 1), 9), 10), cache)
+            return model.logits(prompt), model.logits(step)
+
+    for before, after in zip(logits(rows), logits(tiled)):
+        assert torch.allclose(before, after, rtol=1e-4, atol=1e-4)
+        assert torch.equal(before.argmax(-1), after.argmax(-1))
 
 
 def outlier_model(heads=(4, 2)):

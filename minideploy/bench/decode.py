@@ -43,7 +43,7 @@ from ..engine.cuda_graphs import CUDAGraphDecoder
 from ..memory import weight_bytes
 from ..models import KVCache, load_model, random_model
 from ..models.shapes import MODEL_SHAPES
-from ..quant import quantize_lm_head_, quantize_model_, tile_w4a16_linears_
+from ..quant import quantize_lm_head_, quantize_model_, tile_linears_
 from ..roofline import measure_bandwidth
 from .common import FIGURES, bar_plot, bench_parser, device_tag, load_result, save_figure, summarize, write_result
 from .timing import describe, time_fn
@@ -168,7 +168,7 @@ def bench_cpu(args) -> dict:
         "same_tokens": native["tokens"] == hf_result["tokens"],
         "native_w4": {**w4, "w_bits": quant.w_bits, "group_size": quant.group_size, "tile_rows": tile_rows,
                       "note": "decoder linears RTN-quantized in memory, in the CPU kernel's tiles of rows "
-                              "(quant.tile_w4a16_linears_); embeddings and LM head float"},
+                              "(quant.tile_linears_); embeddings and LM head float"},
         "w4_speedup_vs_float": w4["tokens_per_s"] / native["tokens_per_s"],
         "native_w4_row_layout": {**w4_rows, "w_bits": quant.w_bits, "group_size": quant.group_size,
                                  "note": "as native_w4 in the layout every device shares (not tiled): "
@@ -215,7 +215,7 @@ def bench_cuda(args) -> dict:
         w4_bytes = model_bytes(model)
         # The baseline of the kernel's tiles: the layout every device shares (AutoAWQ's rows).
         rows = time_graphs(model, cache, batches[:1], args, "w4a16 rows")
-        tile_w4a16_linears_(model)  # what the engine's runners do at load
+        tile_linears_(model)  # what the engine's runners do at load
         w4a16 = {"group_size": quant.group_size, "weight_bytes": w4_bytes,
                  "weight_streaming_limit_tokens_per_s": bandwidth["copy_bytes_per_s"] / w4_bytes,
                  "tile_shape": kernels.w4a16_tile_shape(torch.device(device)),

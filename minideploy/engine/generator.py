@@ -15,7 +15,7 @@ import torch
 
 from ..config import GenerationConfig, ModelConfig
 from ..models import ForwardContext, KVCache, LlamaModel
-from ..quant import tile_w4a16_linears_
+from ..quant import tile_linears_
 from .request import SequenceState, new_request
 from .sampling import sample
 
@@ -29,7 +29,7 @@ class GenerationStats:
 
 class Generator:
     def __init__(self, model: LlamaModel, tokenizer, config: ModelConfig, session_len: int):
-        self.model, self.tokenizer, self.config = tile_w4a16_linears_(model), tokenizer, config
+        self.model, self.tokenizer, self.config = tile_linears_(model), tokenizer, config
         self.session_len = min(session_len, model.cos_sin.shape[0])
         self.device = model.embed.weight.device
         self.dtype = model.embed.weight.dtype

@@ -26,7 +26,7 @@ from ..cache.block_manager import BlockManager
 from ..cache.kv_cache import PagedKVCache, key_calibration_windows, mean_keys, num_blocks_for
 from ..config import EngineConfig, GenerationConfig
 from ..models import LlamaModel, LoadedModel
-from ..quant import tile_w4a16_linears_
+from ..quant import tile_linears_
 from .cuda_graphs import DecodeGraphs
 from .model_runner import ModelRunner, graph_buckets
 from .request import new_request
@@ -41,7 +41,7 @@ class LLMEngine:
     def __init__(self, loaded: LoadedModel, engine_config: EngineConfig, session_timeout_s: float = 3600.0):
         model = loaded.model
         if isinstance(model, LlamaModel):  # tensor parallel: each rank tiles its own
-            tile_w4a16_linears_(model)  # int4 linears on a CPU: into the kernel's layout
+            tile_linears_(model)  # int4 linears on a CPU: into the kernel's layout
         self.tokenizer, self.engine_config = loaded.tokenizer, engine_config
         self.config = model.config  # with tensor parallelism: this rank's share of the heads
         self.vocab_config = loaded.config
@@ -56,7 +56,7 @@ class LLMEngine:
                                   engine_config.quant_policy, self._key_means(loaded, engine_config))
         self.runner = ModelRunner(model, self.cache, self._decode_graphs(model, engine_config))
         self.scheduler = Scheduler(self.manager, engine_config.max_batch_size,
-                                   max(engine_config.max_prefill_token_num, block_size))
+                                   max(engine_config.prefill_tokens(self.device), block_size))
         self.sessions: dict[int, Sequence] = {}  # session_id -> its parked sequence
         self.session_timeout_s = session_timeout_s
         self._ids = itertools.count()

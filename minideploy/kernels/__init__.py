@@ -27,7 +27,8 @@ import torch
 from minideploy.kernels import build, reference
 from minideploy.kernels.build import KernelBuildError, cuda_arch, load, try_load
 
-__all__ = ["rms_norm", "add_rms_norm", "rope", "rope_store_kv", "linear", "int8_linear", "w4a16_linear", "w4a16_silu_and_mul",
+__all__ = ["rms_norm", "add_rms_norm", "rope", "rope_store_kv", "linear", "linear_tiled", "linear_tile_rows",
+           "int8_linear", "w4a16_linear", "w4a16_silu_and_mul",
            "w4a16_linear_tiled", "w4a16_silu_and_mul_tiled", "w4a16_tile_shape", "dequantize_w4", "store_kv",
            "decode_attention", "decode_attention_fits", "quantize_kv", "dequantize_kv", "silu_and_mul", "backend_for", "mode", "set_mode", "KernelBuildError", "reference"]
 
@@ -198,6 +199,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if ext is not None:
             return ext.linear(x.contiguous(), weight)
     return torch.nn.functional.linear(x, weight)
+
+
+def linear_tile_rows(device: torch.device) -> Optional[int]:
+    """Rows per tile of `linear_tiled`'s float32 weight on `device` (the CPU kernel's vector
+    width: 16 with AVX-512, else 8), or None where no tiled kernel runs (CUDA, no compiler)."""
+    ext = _extension(LINEAR, device) if device.type == "cpu" else None
+    return None if ext is None else ext.tile_rows()
+
+
+def linear_tiled(x: torch.Tensor, tiles: torch.Tensor, out_features: int) -> torch.Tensor:
+    """`linear` of a float32 weight in the CPU kernel's tiles (`reference.tile_rows(weight,
+    linear_tile_rows(device))`): up to GEMV_MAX_TOKENS tokens the tiled GEMV
+    (csrc/cpu/linear.cpp), more tokens the untiled weight through torch's matmul."""
+    if x.dim() == 2 and x.shape[0] <= GEMV_MAX_TOKENS:
+        ext = _extension(LINEAR, x.device)
+        if ext is not None:
+            return ext.linear_tiled(x.contiguous(), tiles, out_features)  # checks its inputs
+    return torch.nn.functional.linear(x, reference.untile_rows(tiles, out_features))
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

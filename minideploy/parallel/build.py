@@ -16,7 +16,7 @@ import torch
 from ..config import ModelConfig
 from ..models import LlamaModel, load_model, random_model, resolve_model_path
 from ..models.llama import rope_cos_sin
-from ..quant import quantize_model_, tile_w4a16_linears_, use_w4a16_linears_
+from ..quant import quantize_model_, tile_linears_, use_w4a16_linears_
 from .linear import RowParallel
 from .shard import rank_config, shard_state_dict
 from .vocab import VocabParallelEmbedding, VocabParallelLMHead
@@ -53,7 +53,7 @@ def build_rank_model(config: ModelConfig, state: dict[str, torch.Tensor], tp: in
         for layer in model.layers:
             layer.attn.o = RowParallel(layer.attn.o)
             layer.mlp.down = RowParallel(layer.mlp.down)
-    return tile_w4a16_linears_(model).eval().requires_grad_(False)  # int4 on a CPU: the kernel's layout
+    return tile_linears_(model).eval().requires_grad_(False)  # int4 on a CPU: the kernel's layout
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # models import this package (W4A16Linear): no import back at
 
 __all__ = ["Int8Linear", "QuantConfig", "W4A16Linear", "W4A16TiledLinear", "check_group_size", "decoder_linears",
            "dequantize", "fake_quantize", "fake_quantize_model_", "quantize", "quantize_lm_head_", "quantize_model_",
-           "tile_w4a16_linears_", "use_w4a16_linears_"]
+           "tile_linears_", "use_w4a16_linears_"]
 
 
 def decoder_linears(model: LlamaModel) -> Iterator[tuple[str, torch.nn.Module]]:
@@ -75,20 +75,31 @@ def use_w4a16_linears_(model: LlamaModel, quant: QuantConfig) -> LlamaModel:
 
 
 @torch.no_grad()
-def tile_w4a16_linears_(model: LlamaModel) -> LlamaModel:
-    """Swap every W4A16Linear for a W4A16TiledLinear in its device's kernel layout (the same
-    outputs, faster), in place; a device without the kernel, or a layer whose in_features
-    the tile's words do not divide (CUDA: 128 weights), keeps the shared layout.
-
+def tile_linears_(model: LlamaModel) -> LlamaModel:
+    """Swap the decoder's linears for their device kernel's tiled layouts (the same
+    products, faster), in place, and return the model:
+      - every W4A16Linear for a W4A16TiledLinear (CPU and CUDA); a layer whose in_features
+        the tile's words do not divide (CUDA: 128 weights) keeps the shared layout;
+      - on a CPU, every float32 Linear of the layers for a TiledLinear (the LM head, which a
+        tied embedding shares, stays as it is).
     The engine's runners call it on the model they run."""
-    shapes = {}  # device -> (rows, words) or None; asking builds the kernel
-    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, W4A16Linear)]:
-        device = module.qweight.device
-        if device not in shapes:
-            shapes[device] = kernels.w4a16_tile_shape(device)
-        shape = shapes[device]
-        if shape is not None and module.qweight.shape[1] % shape[1] == 0:
-            _replace(model, name, W4A16TiledLinear(module, *shape))
+    from ..models.llama import Linear, TiledLinear
+
+    shapes, rows = {}, {}  # device -> W4A16 (rows, words) / float tile rows, or None; asking builds the kernel
+    for name, module in list(model.named_modules()):
+        if isinstance(module, W4A16Linear):
+            device = module.qweight.device
+            if device not in shapes:
+                shapes[device] = kernels.w4a16_tile_shape(device)
+            shape = shapes[device]
+            if shape is not None and module.qweight.shape[1] % shape[1] == 0:
+                _replace(model, name, W4A16TiledLinear(module, *shape))
+        elif type(module) is Linear and name.startswith("layers.") and module.weight.dtype == torch.float32:
+            device = module.weight.device
+            if device not in rows:
+                rows[device] = kernels.linear_tile_rows(device)
+            if rows[device] is not None:
+                _replace(model, name, TiledLinear(module, rows[device]))
     return model
 
 

@@ -81,7 +81,7 @@ class W4A16TiledLinear(nn.Module):
     model's shapes. CUDA (R = 16, C = 16): a warp reads 512 contiguous bytes of a block's
     tile where the shared layout gives it 64 bytes from each of 8 rows; same sums too.
     (R, C) depends on the machine, so this is a runtime layout, made where the model runs
-    (`quant.tile_w4a16_linears_`, called by the engine's runners, as TurboMind converts
+    (`quant.tile_linears_`, called by the engine's runners, as TurboMind converts
     weights for its kernels at load); checkpoints keep the shared layout (`quantized()`
     gives it back)."""
 

@@ -43,6 +43,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "simd.h"
@@ -152,6 +153,117 @@ void linear_impl(const scalar_t* x, const weight_t* weight, const float* scale, 
   });
 }
 
+// ---------------------------------------------------------------------------
+// linear_tiled: float32 weights rearranged once into tiles of kLanes rows
+// (reference.tile_rows(weight, kLanes): [ceil(N / L), K, L]), so that the L weights of
+// a tile at one k are one vector whose lanes are output rows. Then
+//     out[t][tile's rows] += x[t][k] * tile[k]
+// is one FMA with x[t][k] broadcast: a pass keeps T tokens x P tiles of sums in registers
+// (12 x 2 with AVX-512's 32 registers, 6 x 2 with AVX2's 16), loads P weight vectors and
+// T activations per k, and ends with its sums already in place: no lanes to add up, where
+// dot_tile above spends about a tenth of its instructions on lane sums (shuffles, on a
+// port the FMAs need) and loads T activation vectors per k instead of T scalars. Each
+// output is one chain of FMAs over k in order whatever the tile or the tokens beside it,
+// so a row's result does not depend on the batch. x is transposed once per call ([K, M],
+// the T activations of a k in one cache line).
+// ---------------------------------------------------------------------------
+
+constexpr int kTiledTiles = 2;                                 // P
+constexpr int kTiledTokens = simd::kLanes == 16 ? 12 : 6;      // T
+constexpr int64_t kTilePairsPerTask = 2;
+
+// tokens x P tiles of out from xt [K, m_size] (column m0 on) and P consecutive tiles at w;
+// rows: valid rows from the first tile's row n0 (the last tile may be padding).
+// prefetch_next: the first pass over these tiles: ask for the next P tiles meanwhile.
+template <int P, int T>
+inline void tiled_pass(const float* xt, int64_t m_size, int64_t m0, const float* w, int64_t k_size,
+                       float* out, int64_t n_size, int64_t n0, bool prefetch_next) {
+  floatv acc[T][P] = {};
+  const float* ahead = w + P * k_size * kLanes;
+  for (int64_t k = 0; k < k_size; ++k) {
+    if (prefetch_next) {
+      for (int p = 0; p < P; ++p) __builtin_prefetch(ahead + (p * k_size + k) * kLanes);
+    }
+    floatv wv[P];
+    for (int p = 0; p < P; ++p) wv[p] = to_floatv(w + (p * k_size + k) * kLanes);
+    const float* xk = xt + k * m_size + m0;
+    for (int t = 0; t < T; ++t) {
+      const floatv xv = splatv(xk[t]);
+      for (int p = 0; p < P; ++p) acc[t][p] = fmav(xv, wv[p], acc[t][p]);
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    float* row = out + (m0 + t) * n_size;
+    for (int p = 0; p < P; ++p) {
+      const int64_t n = n0 + p * kLanes;
+      if (n + kLanes <= n_size) {
+        std::memcpy(row + n, &acc[t][p], sizeof(floatv));
+      } else {
+        for (int64_t j = 0; n + j < n_size; ++j) row[n + j] = acc[t][p][j];
+      }
+    }
+  }
+}
+
+// tiled_pass<P, tokens> for tokens in 1..T (known at run time).
+template <int P, int T>
+inline void tiled_tokens(int64_t tokens, const float* xt, int64_t m_size, int64_t m0, const float* w,
+                         int64_t k_size, float* out, int64_t n_size, int64_t n0, bool prefetch_next) {
+  if constexpr (T > 0) {
+    if (tokens == T) {
+      tiled_pass<P, T>(xt, m_size, m0, w, k_size, out, n_size, n0, prefetch_next);
+    } else {
+      tiled_tokens<P, T - 1>(tokens, xt, m_size, m0, w, k_size, out, n_size, n0, prefetch_next);
+    }
+  }
+}
+
+// P tiles against all m_size tokens, in passes as even as they divide (as row_block).
+template <int P>
+inline void tiled_block(const float* xt, int64_t m_size, const float* w, int64_t k_size, float* out,
+                        int64_t n_size, int64_t n0) {
+  const int64_t passes = (m_size + kTiledTokens - 1) / kTiledTokens;
+  for (int64_t p = 0, m = 0; p < passes; ++p) {
+    const int64_t tokens = (m_size - m) / (passes - p);
+    tiled_tokens<P, kTiledTokens>(tokens, xt, m_size, m, w, k_size, out, n_size, n0, m == 0);
+    m += tokens;
+  }
+}
+
+at::Tensor linear_tiled(const at::Tensor& x, const at::Tensor& tiles, int64_t n_size) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.device().is_cpu(),
+              "linear_tiled: x must be a 2-D float32 CPU tensor [tokens, in_features], got ",
+              c10::toString(x.scalar_type()), " ", x.sizes(), " on ", x.device());
+  const int64_t k_size = x.size(1), num_tiles = (n_size + kLanes - 1) / kLanes;
+  TORCH_CHECK(n_size > 0 && tiles.scalar_type() == at::kFloat && tiles.dim() == 3 &&
+                  tiles.size(0) == num_tiles && tiles.size(1) == k_size && tiles.size(2) == kLanes,
+              "linear_tiled: tiles must be float32 [", num_tiles, ", in_features=", k_size, ", ", kLanes,
+              "] (reference.tile_rows(weight, ", kLanes, ") of out_features=", n_size, " rows), got ",
+              c10::toString(tiles.scalar_type()), " ", tiles.sizes());
+  TORCH_CHECK(tiles.device().is_cpu() && tiles.is_contiguous(),
+              "linear_tiled: tiles must be a contiguous CPU tensor");
+  const at::Tensor xt = x.t().contiguous();  // [K, M]
+  auto out = at::empty({x.size(0), n_size}, x.options());
+  const int64_t m_size = x.size(0);
+  if (m_size == 0) return out;
+  const float* xp = xt.data_ptr<float>();
+  const float* w = tiles.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t blocks = (num_tiles + kTiledTiles - 1) / kTiledTiles;
+  at::parallel_for(0, blocks, kTilePairsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t tile = b * kTiledTiles;
+      const float* wb = w + tile * k_size * kLanes;
+      if (tile + kTiledTiles <= num_tiles) {
+        tiled_block<kTiledTiles>(xp, m_size, wb, k_size, o, n_size, tile * kLanes);
+      } else {
+        tiled_block<1>(xp, m_size, wb, k_size, o, n_size, tile * kLanes);
+      }
+    }
+  });
+  return out;
+}
+
 void check_x(const char* op, const at::Tensor& x) {
   const auto type = x.scalar_type();
   TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16,
@@ -207,6 +319,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "minideploy CPU kernels: small-batch linear (GEMV)";
   m.def("linear", &linear, "x @ weight^T for a few rows of x (CPU)", py::arg("x"),
         py::arg("weight"));
+  m.def("linear_tiled", &linear_tiled, "x @ weight^T with the float32 weight in tiles of tile_rows() "
+        "rows (reference.tile_rows), out_features rows (CPU)", py::arg("x"), py::arg("tiles"),
+        py::arg("out_features"));
+  m.def("tile_rows", [] { return simd::kLanes; }, "rows per tile of linear_tiled's weight");
   m.def("linear_int8", &linear_int8, "x @ (scales[:, None] * qweight)^T for a few rows of x (CPU)",
         py::arg("x"), py::arg("qweight"), py::arg("scales"));
 }
