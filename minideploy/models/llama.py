@@ -165,8 +165,8 @@ class Linear(nn.Linear):
 class TiledLinear(nn.Module):
     """A float32 `Linear` on a CPU with its weight in the GEMV kernel's tiles of rows
     (`reference.tile_rows`, `kernels.linear_tiled`): the lanes of a vector are rows, so a
-    decode step's tokens multiply one weight vector each with no sums across lanes; 1.2-1.3x
-    faster than the row layout at 12-32 tokens on the default model's shapes (linear.cpp).
+    decode step's tokens multiply one weight vector each with no sums across lanes; 1.1-1.4x
+    faster than the row layout at 8-32 tokens on the default model's shapes (linear.cpp).
     A runtime layout, made by the engine's runners (`quant.tile_linears_`) as TurboMind
     converts weights at load; `weight` gives a copy of the weight back."""
 

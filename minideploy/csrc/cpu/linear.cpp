@@ -42,6 +42,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -158,19 +159,33 @@ void linear_impl(const scalar_t* x, const weight_t* weight, const float* scale, 
 // (reference.tile_rows(weight, kLanes): [ceil(N / L), K, L]), so that the L weights of
 // a tile at one k are one vector whose lanes are output rows. Then
 //     out[t][tile's rows] += x[t][k] * tile[k]
-// is one FMA with x[t][k] broadcast: a pass keeps T tokens x P tiles of sums in registers
-// (12 x 2 with AVX-512's 32 registers, 6 x 2 with AVX2's 16), loads P weight vectors and
-// T activations per k, and ends with its sums already in place: no lanes to add up, where
-// dot_tile above spends about a tenth of its instructions on lane sums (shuffles, on a
-// port the FMAs need) and loads T activation vectors per k instead of T scalars. Each
-// output is one chain of FMAs over k in order whatever the tile or the tokens beside it,
-// so a row's result does not depend on the batch. x is transposed once per call ([K, M],
-// the T activations of a k in one cache line).
+// is one FMA with x[t][k] broadcast: a pass keeps T tokens x P tiles of sums in registers,
+// loads P weight vectors and T activations per k, and ends with its sums already in place:
+// no lanes to add up (dot_tile above spends about a tenth of its instructions on lane sums,
+// shuffles on a port the FMAs need, and loads T activation vectors per k, not T scalars).
+// Each output is one chain of FMAs over k in order whatever the tile or the tokens beside
+// it, so a row's result does not depend on the batch. x is transposed once per call
+// ([K, M]: the T activations of a k in one cache line).
+// What sets the speed is the number of passes over a tile: the first streams it from
+// memory and multiplies meanwhile, each further one re-reads it from L2 and costs about its
+// multiplies. So a pass takes as many tokens as the registers hold: AVX-512 (32 registers)
+// up to 12 tokens x 2 tiles (two tiles stream two runs of memory at once: 8 tokens 25.3 ->
+// 23.6 ms against 1 x 8), beyond that 1 tile x up to 28 tokens, T at a time and the rest
+// last (32 tokens as 28 + 4: 39.9 -> 35.5 ms against 16 + 16); AVX2 (16) 6 x 2, then 1 x 14
+// (by the same count of registers, not measured). Default model, one decode step's float32
+// linears of its 30 layers (not the LM head), 2 cores, interleaved runs, the broadcast tiles
+// against dot_tile's rows: 1 token 15.8 vs 15.0 ms (memory-bound; with the L2 prefetch
+// below 14.1 vs 15.0), 8: 20.1 vs 22.2, 12: 20.6 vs 25.3, 16: 24.1 vs 30.0, 24: 27.6 vs 37.6,
+// 28: 29.6 vs 40.7, 32: 34.6 vs 43.3. 2 x 12 passes throughout took 2-3 passes beyond 12
+// tokens (24: 29.4 vs 26.2 ms in another run); GCC kept the sums of 1 x 24 in memory until
+// told to unroll (81.8 ms). MKL's sgemm on a weight packed for the step's exact token count
+// (torch.ops.mkl._mkl_linear, as torch.compile does), in a slower phase of the machine where
+// these tiles took 27.4 / 46.9 / 60.3 ms at 12 / 24 / 32 tokens: 34.0 / 48.1 / 57.6.
 // ---------------------------------------------------------------------------
 
-constexpr int kTiledTiles = 2;                                 // P
-constexpr int kTiledTokens = simd::kLanes == 16 ? 12 : 6;      // T
-constexpr int64_t kTilePairsPerTask = 2;
+constexpr int kWideTiles = 2, kWideTokens = simd::kLanes == 16 ? 12 : 6;   // few tokens: P x T
+constexpr int kLongTokens = simd::kLanes == 16 ? 28 : 14;                   // more: 1 x T
+constexpr int64_t kTilesPerTask = 4;
 
 // tokens x P tiles of out from xt [K, m_size] (column m0 on) and P consecutive tiles at w;
 // rows: valid rows from the first tile's row n0 (the last tile may be padding).
@@ -181,14 +196,16 @@ inline void tiled_pass(const float* xt, int64_t m_size, int64_t m0, const float*
   floatv acc[T][P] = {};
   const float* ahead = w + P * k_size * kLanes;
   for (int64_t k = 0; k < k_size; ++k) {
-    if (prefetch_next) {
-      for (int p = 0; p < P; ++p) __builtin_prefetch(ahead + (p * k_size + k) * kLanes);
+    if (prefetch_next) {  // into L2 (prefetcht2): 1 token 15.7 -> 14.1 ms against into L1
+      for (int p = 0; p < P; ++p) __builtin_prefetch(ahead + (p * k_size + k) * kLanes, 0, 1);
     }
     floatv wv[P];
     for (int p = 0; p < P; ++p) wv[p] = to_floatv(w + (p * k_size + k) * kLanes);
     const float* xk = xt + k * m_size + m0;
+#pragma GCC unroll 32  // fully, or GCC keeps the sums of T > ~20 in memory
     for (int t = 0; t < T; ++t) {
       const floatv xv = splatv(xk[t]);
+#pragma GCC unroll 4
       for (int p = 0; p < P; ++p) acc[t][p] = fmav(xv, wv[p], acc[t][p]);
     }
   }
@@ -218,15 +235,27 @@ inline void tiled_tokens(int64_t tokens, const float* xt, int64_t m_size, int64_
   }
 }
 
-// P tiles against all m_size tokens, in passes as even as they divide (as row_block).
-template <int P>
+// P tiles against all m_size tokens, T at a time and the rest last: the first pass streams
+// the tiles from memory and has the time to multiply T tokens meanwhile; a later one costs
+// about its multiplies (unlike row_block's, which spread the tokens evenly).
+template <int P, int T>
 inline void tiled_block(const float* xt, int64_t m_size, const float* w, int64_t k_size, float* out,
                         int64_t n_size, int64_t n0) {
-  const int64_t passes = (m_size + kTiledTokens - 1) / kTiledTokens;
-  for (int64_t p = 0, m = 0; p < passes; ++p) {
-    const int64_t tokens = (m_size - m) / (passes - p);
-    tiled_tokens<P, kTiledTokens>(tokens, xt, m_size, m, w, k_size, out, n_size, n0, m == 0);
-    m += tokens;
+  for (int64_t m = 0; m < m_size; m += T) {
+    tiled_tokens<P, T>(std::min<int64_t>(T, m_size - m), xt, m_size, m, w, k_size, out, n_size, n0, m == 0);
+  }
+}
+
+// Tiles [begin, end) of the weight, P at a time (the last one alone if P does not divide).
+template <int P, int T>
+inline void tiled_range(int64_t begin, int64_t end, const float* xt, int64_t m_size, const float* w,
+                        int64_t k_size, float* out, int64_t n_size) {
+  int64_t tile = begin;
+  for (; tile + P <= end; tile += P) {
+    tiled_block<P, T>(xt, m_size, w + tile * k_size * kLanes, k_size, out, n_size, tile * kLanes);
+  }
+  for (; tile < end; ++tile) {
+    tiled_block<1, T>(xt, m_size, w + tile * k_size * kLanes, k_size, out, n_size, tile * kLanes);
   }
 }
 
@@ -249,16 +278,13 @@ at::Tensor linear_tiled(const at::Tensor& x, const at::Tensor& tiles, int64_t n_
   const float* xp = xt.data_ptr<float>();
   const float* w = tiles.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  const int64_t blocks = (num_tiles + kTiledTiles - 1) / kTiledTiles;
-  at::parallel_for(0, blocks, kTilePairsPerTask, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t tile = b * kTiledTiles;
-      const float* wb = w + tile * k_size * kLanes;
-      if (tile + kTiledTiles <= num_tiles) {
-        tiled_block<kTiledTiles>(xp, m_size, wb, k_size, o, n_size, tile * kLanes);
-      } else {
-        tiled_block<1>(xp, m_size, wb, k_size, o, n_size, tile * kLanes);
-      }
+  // Tasks of whole tile pairs, so that pairs never straddle two threads.
+  at::parallel_for(0, (num_tiles + 1) / 2, kTilesPerTask / 2, [&](int64_t begin, int64_t end) {
+    const int64_t first = 2 * begin, last = std::min(2 * end, num_tiles);
+    if (m_size <= kWideTokens) {
+      tiled_range<kWideTiles, kWideTokens>(first, last, xp, m_size, w, k_size, o, n_size);
+    } else {
+      tiled_range<1, kLongTokens>(first, last, xp, m_size, w, k_size, o, n_size);
     }
   });
   return out;
