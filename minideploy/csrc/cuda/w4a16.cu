@@ -93,6 +93,12 @@
 //    read a k-step instead of four 2-byte gathers over 8 rows: L1 passes per KB of
 //    qweight 52 -> ~22, counted from the source): 1.3-2.6 us slower a call, no faster
 //    replayed. So neither bytes in flight nor L1 passes seem to set the 82%;
+//  - x staged once per block in shared memory (each warp copying its own k-steps with cp.async
+//    while its first weights load; 2026-11-27), B fragments read from there at each mma:
+//    x's 16-32 registers a lane freed for 4 blocks an SM or 3-4 k-steps in flight. Slower in
+//    every configuration, 1 token replayed: 4096 -> 4096 4.86 -> 6.4-7.3 us, 4096 -> 12288
+//    11.7 -> 14.6-17.1, gate+up 20.3 -> 23.2-28.8, 11008 -> 4096 10.9 -> 13.3-16.9; 7B decode
+//    step 2.10 -> 2.40-2.63 ms;
 //  - programmatic dependent launch alone (griddepcontrol.wait before the first load): 0.2-0.7
 //    us less a call replayed back to back; launch_dependents at the start let the next
 //    call's blocks take a one-wave grid's free slots early and run unevenly (16 tokens,
