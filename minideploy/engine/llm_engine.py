@@ -41,7 +41,7 @@ class LLMEngine:
     def __init__(self, loaded: LoadedModel, engine_config: EngineConfig, session_timeout_s: float = 3600.0):
         model = loaded.model
         if isinstance(model, LlamaModel):  # tensor parallel: each rank tiles its own
-            tile_linears_(model)  # int4 linears on a CPU: into the kernel's layout
+            tile_linears_(model)  # decoder linears into the kernels' layouts
         self.tokenizer, self.engine_config = loaded.tokenizer, engine_config
         self.config = model.config  # with tensor parallelism: this rank's share of the heads
         self.vocab_config = loaded.config

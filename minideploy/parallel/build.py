@@ -53,7 +53,7 @@ def build_rank_model(config: ModelConfig, state: dict[str, torch.Tensor], tp: in
         for layer in model.layers:
             layer.attn.o = RowParallel(layer.attn.o)
             layer.mlp.down = RowParallel(layer.mlp.down)
-    return tile_linears_(model).eval().requires_grad_(False)  # int4 on a CPU: the kernel's layout
+    return tile_linears_(model).eval().requires_grad_(False)  # the kernels' layouts
 
 
 @dataclass(frozen=True)
