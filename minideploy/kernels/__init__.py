@@ -212,7 +212,7 @@ def linear_tiled(x: torch.Tensor, tiles: torch.Tensor, out_features: int) -> tor
     """`linear` of a float32 weight in the CPU kernel's tiles (`reference.tile_rows(weight,
     linear_tile_rows(device))`): up to GEMV_MAX_TOKENS tokens the tiled GEMV
     (csrc/cpu/linear.cpp), more tokens the untiled weight through torch's matmul."""
-    if x.dim() == 2 and x.shape[0] <= GEMV_MAX_TOKENS:
+    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= GEMV_MAX_TOKENS:
         ext = _extension(LINEAR, x.device)
         if ext is not None:
             return ext.linear_tiled(x.contiguous(), tiles, out_features)  # checks its inputs
