@@ -96,15 +96,15 @@ inline void dot_tile(const scalar_t* __restrict x, const weight_t* __restrict w,
   }
 }
 
-// dot_tile<R, tokens> for tokens in 1..T (a pass's row count is known only at run time).
-template <int R, int T, typename scalar_t, typename weight_t>
-inline void pass(int64_t tokens, const scalar_t* x, const weight_t* w, const float* scale,
-                 int64_t k_size, scalar_t* out, int64_t out_stride, bool prefetch_next) {
+// f(std::integral_constant<int, tokens>) for tokens in 1..T: a pass's token count, known
+// only at run time, as the compile-time size of its tile of sums.
+template <int T, typename F>
+inline void with_tokens(int64_t tokens, F&& f) {
   if constexpr (T > 0) {
     if (tokens == T) {
-      dot_tile<R, T>(x, w, scale, k_size, out, out_stride, prefetch_next);
+      f(std::integral_constant<int, T>{});
     } else {
-      pass<R, T - 1>(tokens, x, w, scale, k_size, out, out_stride, prefetch_next);
+      with_tokens<T - 1>(tokens, f);
     }
   }
 }
@@ -118,7 +118,9 @@ inline void row_block(const scalar_t* x, const weight_t* w, const float* scale, 
   const int64_t passes = (m_size + T - 1) / T;
   for (int64_t p = 0, m = 0; p < passes; ++p) {
     const int64_t tokens = (m_size - m) / (passes - p);
-    pass<R, T>(tokens, x + m * k_size, w, scale, k_size, out + m * n_size, n_size, m == 0);
+    with_tokens<T>(tokens, [&](auto t) {
+      dot_tile<R, decltype(t)::value>(x + m * k_size, w, scale, k_size, out + m * n_size, n_size, m == 0);
+    });
     m += tokens;
   }
 }
@@ -222,19 +224,6 @@ inline void tiled_pass(const float* xt, int64_t m_size, int64_t m0, const float*
   }
 }
 
-// tiled_pass<P, tokens> for tokens in 1..T (known at run time).
-template <int P, int T>
-inline void tiled_tokens(int64_t tokens, const float* xt, int64_t m_size, int64_t m0, const float* w,
-                         int64_t k_size, float* out, int64_t n_size, int64_t n0, bool prefetch_next) {
-  if constexpr (T > 0) {
-    if (tokens == T) {
-      tiled_pass<P, T>(xt, m_size, m0, w, k_size, out, n_size, n0, prefetch_next);
-    } else {
-      tiled_tokens<P, T - 1>(tokens, xt, m_size, m0, w, k_size, out, n_size, n0, prefetch_next);
-    }
-  }
-}
-
 // P tiles against all m_size tokens, T at a time and the rest last: the first pass streams
 // the tiles from memory and has the time to multiply T tokens meanwhile; a later one costs
 // about its multiplies (unlike row_block's, which spread the tokens evenly).
@@ -242,7 +231,9 @@ template <int P, int T>
 inline void tiled_block(const float* xt, int64_t m_size, const float* w, int64_t k_size, float* out,
                         int64_t n_size, int64_t n0) {
   for (int64_t m = 0; m < m_size; m += T) {
-    tiled_tokens<P, T>(std::min<int64_t>(T, m_size - m), xt, m_size, m, w, k_size, out, n_size, n0, m == 0);
+    with_tokens<T>(std::min<int64_t>(T, m_size - m), [&](auto t) {
+      tiled_pass<P, decltype(t)::value>(xt, m_size, m, w, k_size, out, n_size, n0, m == 0);
+    });
   }
 }
 
