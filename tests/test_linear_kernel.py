@@ -109,6 +109,20 @@ def test_tiled_linear_matches_reference(tokens, out_features, in_features):
         assert torch.equal(out, kernel)
 
 
+@pytest.mark.parametrize("out_features,in_features", [(1, 5), (21, 40), (960, 576), (129, 1000)])
+def test_untile_rows_matches_reference(out_features, in_features):
+    """The C++ untile (the weight for torch's matmul past GEMV_MAX_TOKENS), ragged last tile too."""
+    ext = kernels.build.load(kernels.LINEAR, "cpu")
+    w = torch.randn(out_features, in_features)
+    tiles = kernels.reference.tile_rows(w, ext.tile_rows())
+    assert torch.equal(ext.untile_rows(tiles, out_features), w)
+    assert torch.equal(kernels.reference.untile_rows(tiles, out_features), w)
+    with pytest.raises(RuntimeError, match="untile_rows: tiles must be float32"):
+        ext.untile_rows(tiles, out_features + ext.tile_rows())  # one tile too few
+    with pytest.raises(RuntimeError, match="untile_rows: tiles must be float32"):
+        ext.untile_rows(tiles.double(), out_features)
+
+
 def test_a_tiled_rows_result_does_not_depend_on_the_other_rows():
     """Each output is one chain of FMAs over k in order, whatever the pass it is in: token i
     of a 29-token step (passes of 10, 10, 9 with AVX-512) equals that token alone."""
@@ -134,7 +148,7 @@ def test_tiled_linear_bad_inputs_name_the_argument():
     rows = ext.tile_rows()
     tiles = kernels.reference.tile_rows(torch.randn(20, 8), rows)
     with pytest.raises(RuntimeError, match="tiles must be float32"):
-        ext.linear_tiled(torch.randn(2, 8), tiles, 2 * rows + 1)  # one tile too few
+        ext.linear_tiled(torch.randn(2, 8), tiles, tiles.shape[0] * rows + 1)  # one tile too few
     with pytest.raises(RuntimeError, match="tiles must be float32"):
         ext.linear_tiled(torch.randn(2, 9), tiles, 20)  # in_features differ
     with pytest.raises(RuntimeError, match="tiles must be float32"):

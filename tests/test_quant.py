@@ -119,8 +119,9 @@ CPU_OR_CUDA = ["cpu", pytest.param("cuda", marks=[
 @pytest.mark.parametrize("device", CPU_OR_CUDA)
 def test_tiled_w4a16_linears_give_the_same_logits_and_checkpoint(device, kernel_mode):
     """tile_linears_ (what the engine's runners call) swaps every int4 linear for its
-    device kernel's tile layout: logits bit for bit as before (prefill of 18 tokens: on a
-    CPU dequantize + matmul, on a GPU the GEMV in chunks; decode: the GEMV), the same
+    device kernel's tile layout: hidden states bit for bit as before (prefill of 18 tokens:
+    on a CPU dequantize + matmul, on a GPU the GEMV in chunks; decode: the GEMV) and the
+    logits up to float rounding (on a CPU the float32 LM head is tiled too), the same
     AutoAWQ tensors out, and a second call changes nothing. On a GPU a layer whose
     in_features is no multiple of the kernel's 128-weight k-step keeps the row layout."""
     import copy
@@ -143,44 +144,57 @@ def test_tiled_w4a16_linears_give_the_same_logits_and_checkpoint(device, kernel_
     assert "tiles of" in repr(tiled.layers[0].mlp.gate_up)
     ids = torch.randint(0, 100, (2, 10), device=device)
 
-    def logits(model):
+    def outputs(model):
         cache = KVCache(config, 2, 10, dtype, device)
         positions = torch.arange(9, device=device).expand(2, -1)
         with torch.inference_mode():
             prompt = model(ids[:, :9], ForwardContext(positions, 9), cache)
             step = model(ids[:, 9:], ForwardContext(torch.full((2, 1), 9, device=device), 10), cache)
-            return model.logits(prompt), model.logits(step)
+            return prompt, step, model.logits(prompt), model.logits(step)
 
-    for before, after in zip(logits(rows), logits(tiled)):
-        assert torch.equal(before, after)
+    for i, (before, after) in enumerate(zip(outputs(rows), outputs(tiled))):
+        if i < 2:  # hidden states
+            assert torch.equal(before, after)
+        else:
+            assert torch.allclose(before, after, rtol=1e-4, atol=1e-4)
+            assert torch.equal(before.argmax(-1), after.argmax(-1))
     expected = awq_state_dict(rows)
     assert all(torch.equal(t, expected[name]) for name, t in awq_state_dict(tiled).items())
     modules = [module for _, module in decoder_linears(tiled)]
     assert [module for _, module in decoder_linears(tile_linears_(tiled))] == modules
 
 
-def test_tiled_float_linears_on_a_cpu(kernel_mode):
-    """On a CPU tile_linears_ also puts every float32 decoder linear in the GEMV kernel's
-    tiles (TiledLinear): the same logits up to float rounding (the tiled GEMV sums each
-    output in one chain over k, the row kernel in lanes), greedy tokens alike, `weight`
-    gives the weight back, the LM head (tied to the embedding) and float16 models stay."""
+@pytest.mark.parametrize("tied", [True, False])
+def test_tiled_float_linears_on_a_cpu(kernel_mode, tied):
+    """On a CPU tile_linears_ also puts every float32 decoder linear and the LM head in the
+    GEMV kernel's tiles (TiledLinear): the same logits up to float rounding (the tiled GEMV
+    sums each output in one chain over k, the row kernel in lanes), greedy tokens alike,
+    `weight` gives the weight back; an embedding tied to the head looks its rows up in the
+    head's tiles (one tensor, no copy); float16 models stay as they are."""
     import copy
 
     from minideploy.models import ForwardContext, KVCache
-    from minideploy.models.llama import Linear, TiledLinear
+    from minideploy.models.llama import Linear, TiledEmbedding, TiledLinear
     from minideploy.quant import tile_linears_
 
     kernel_mode("compiled")
     config = ModelConfig(vocab_size=100, hidden_size=128, intermediate_size=160, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=32, max_position_embeddings=32)
+                         num_kv_heads=2, head_dim=32, max_position_embeddings=32, tie_word_embeddings=tied)
     rows = random_model(config, torch.float32, "cpu")
+    assert (rows.lm_head.weight is rows.embed.weight) == tied
     tiled = tile_linears_(copy.deepcopy(rows))
     assert {type(module) for _, module in decoder_linears(tiled)} == {TiledLinear}
-    assert type(tiled.lm_head) is Linear
+    assert type(tiled.lm_head) is TiledLinear
+    assert torch.equal(tiled.lm_head.weight, rows.lm_head.weight)
+    assert type(tiled.embed) is (TiledEmbedding if tied else torch.nn.Embedding)
+    assert torch.equal(tiled.embed.weight, rows.embed.weight)
+    if tied:  # one tensor for both
+        assert tiled.embed.tiles is tiled.lm_head.tiles
+    assert (tiled.device, tiled.dtype) == (torch.device("cpu"), torch.float32)
     for (_, a), (_, b) in zip(decoder_linears(rows), decoder_linears(tiled)):
         assert torch.equal(a.weight, b.weight)
     half = tile_linears_(random_model(config, torch.float16, "cpu"))
-    assert {type(module) for _, module in decoder_linears(half)} == {Linear}
+    assert {type(module) for _, module in decoder_linears(half)} | {type(half.lm_head)} == {Linear}
     ids = torch.randint(0, 100, (3, 10))
 
     def logits(model):

@@ -37,7 +37,7 @@ def decode_step_seconds(rank: int, tp: int, build, batches: list[int], context: 
     """Inside a group: one decode step (forward + logits) per batch size, after `context` tokens."""
     model = build(rank, tp)
     device = rank_device(device_type, rank)
-    cache = KVCache(model.config, max(batches), context + 1, model.embed.weight.dtype, device)
+    cache = KVCache(model.config, max(batches), context + 1, model.dtype, device)
     out = {}
     with torch.inference_mode():
         for batch in batches:

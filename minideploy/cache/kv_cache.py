@@ -73,7 +73,7 @@ def key_calibration_windows(tokenizer, vocab_size: int, max_len: int) -> torch.T
 def mean_keys(model, windows: torch.Tensor) -> torch.Tensor:
     """[num_layers, num_kv_heads, head_dim] float32: each layer's and KV head's mean key
     (after RoPE, as the cache stores it) over the windows, each run on its own."""
-    device, dtype = model.embed.weight.device, model.embed.weight.dtype
+    device, dtype = model.device, model.dtype
     length = windows.shape[1]
     cache = KVCache(model.config, 1, length, dtype, device)
     ctx = ForwardContext(torch.arange(length, device=device)[None], length)

@@ -34,7 +34,7 @@ class DecodeGraphs:
         self.buckets = sorted(b for b in buckets if b <= max_batch) or [max_batch]
         if self.buckets[-1] < max_batch:
             self.buckets.append(max_batch)
-        device = model.embed.weight.device
+        device = model.device
         self.input_ids = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
         self.slots = torch.full((max_batch,), -1, dtype=torch.long, device=device)  # -1: store nothing

@@ -31,8 +31,7 @@ class Generator:
     def __init__(self, model: LlamaModel, tokenizer, config: ModelConfig, session_len: int):
         self.model, self.tokenizer, self.config = tile_linears_(model), tokenizer, config
         self.session_len = min(session_len, model.cos_sin.shape[0])
-        self.device = model.embed.weight.device
-        self.dtype = model.embed.weight.dtype
+        self.device, self.dtype = model.device, model.dtype
         self.stats = GenerationStats()
 
     @torch.inference_mode()

@@ -45,7 +45,7 @@ class LLMEngine:
         self.tokenizer, self.engine_config = loaded.tokenizer, engine_config
         self.config = model.config  # with tensor parallelism: this rank's share of the heads
         self.vocab_config = loaded.config
-        self.device, dtype = model.embed.weight.device, model.embed.weight.dtype
+        self.device, dtype = model.device, model.dtype
         limit = engine_config.session_len or loaded.config.max_position_embeddings
         self.session_len = min(limit, model.cos_sin.shape[0])
         block_size = engine_config.cache_block_seq_len

@@ -40,7 +40,7 @@ class ModelRunner:
     def __init__(self, model: LlamaModel, cache: PagedKVCache, graphs: DecodeGraphs | None = None):
         """`graphs`: decode buffers over this model and cache, captured or not (None: always eager)."""
         self.model, self.cache, self.graphs = model, cache, graphs
-        self.device = model.embed.weight.device
+        self.device = model.device
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write copies, made before the forward that writes into the copies."""

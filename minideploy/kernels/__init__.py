@@ -212,11 +212,12 @@ def linear_tiled(x: torch.Tensor, tiles: torch.Tensor, out_features: int) -> tor
     """`linear` of a float32 weight in the CPU kernel's tiles (`reference.tile_rows(weight,
     linear_tile_rows(device))`): up to GEMV_MAX_TOKENS tokens the tiled GEMV
     (csrc/cpu/linear.cpp), more tokens the untiled weight through torch's matmul."""
-    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= GEMV_MAX_TOKENS:
-        ext = _extension(LINEAR, x.device)
-        if ext is not None:
-            return ext.linear_tiled(x.contiguous(), tiles, out_features)  # checks its inputs
-    return torch.nn.functional.linear(x, reference.untile_rows(tiles, out_features))
+    ext = _extension(LINEAR, x.device) if x.device.type == "cpu" else None
+    if ext is None:
+        return torch.nn.functional.linear(x, reference.untile_rows(tiles, out_features))
+    if x.dim() == 2 and x.shape[0] <= GEMV_MAX_TOKENS:
+        return ext.linear_tiled(x.contiguous(), tiles, out_features)  # checks its inputs
+    return torch.nn.functional.linear(x, ext.untile_rows(tiles, out_features))
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -191,6 +191,28 @@ class TiledLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, tiles of {self.rows} rows"
 
 
+class TiledEmbedding(nn.Module):
+    """The embedding of a model whose LM head is tied to it and tiled (`TiledLinear`): a token's
+    row is looked up in the head's tiles (row n: tile n // R, lane n % R), so the model keeps one
+    copy of its largest matrix. A runtime layout, as TiledLinear."""
+
+    def __init__(self, head: TiledLinear):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.rows = head.out_features, head.in_features, head.rows
+        self.register_buffer("tiles", head._buffers["tiles"])  # the head's tensor, not a copy
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight [vocab, hidden], untiled (a copy, as TiledLinear.weight)."""
+        return kernels.reference.untile_rows(self._buffers["tiles"], self.num_embeddings)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._buffers["tiles"][ids // self.rows, :, ids % self.rows]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, looked up in the LM head's tiles of {self.rows} rows"
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -325,6 +347,14 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.embed.weight
         positions = max_positions or config.max_position_embeddings
         self.register_buffer("cos_sin", rope_cos_sin(config, positions), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device  # a parameter that every runtime layout keeps as it is
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, cache: KVCache) -> torch.Tensor:
         """input_ids [batch, seq] → final hidden states [batch, seq, hidden] (after the norm)."""

@@ -124,6 +124,7 @@ class TensorParallelModel:
             raise
         self.tp, self.config = tp, self.model.config
         self.embed, self.cos_sin = self.model.embed, self.model.cos_sin
+        self.device, self.dtype = self.model.device, self.model.dtype
         self._cache = lambda: None  # weak reference to the cache the workers mirror
 
     def __call__(self, input_ids: torch.Tensor, ctx: ForwardContext, cache: KVCache) -> torch.Tensor:

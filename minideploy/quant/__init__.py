@@ -40,7 +40,7 @@ def _check_all(model: LlamaModel, group_size: int) -> list[tuple[str, torch.nn.M
 
 
 def _replace(model: LlamaModel, name: str, module: torch.nn.Module) -> None:
-    parent, attr = name.rsplit(".", 1)
+    parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent), attr, module)
 
 
@@ -80,10 +80,12 @@ def tile_linears_(model: LlamaModel) -> LlamaModel:
     products, faster), in place, and return the model:
       - every W4A16Linear for a W4A16TiledLinear (CPU and CUDA); a layer whose in_features
         the tile's words do not divide (CUDA: 128 weights) keeps the shared layout;
-      - on a CPU, every float32 Linear of the layers for a TiledLinear (the LM head, which a
-        tied embedding shares, stays as it is).
+      - on a CPU, every float32 Linear of the layers and the LM head for a TiledLinear; an
+        embedding tied to the head then looks its rows up in the head's tiles (TiledEmbedding:
+        one copy of the largest matrix, as before). Default model, a decode step's LM head
+        on 2 cores (AVX2), interleaved: 32 tokens 20.1 -> 16.3 ms, 8 tokens 7.0 -> 4.8 ms.
     The engine's runners call it on the model they run."""
-    from ..models.llama import Linear, TiledLinear
+    from ..models.llama import Linear, TiledEmbedding, TiledLinear
 
     shapes, rows = {}, {}  # device -> W4A16 (rows, words) / float tile rows, or None; asking builds the kernel
     for name, module in list(model.named_modules()):
@@ -94,12 +96,16 @@ def tile_linears_(model: LlamaModel) -> LlamaModel:
             shape = shapes[device]
             if shape is not None and module.qweight.shape[1] % shape[1] == 0:
                 _replace(model, name, W4A16TiledLinear(module, *shape))
-        elif type(module) is Linear and name.startswith("layers.") and module.weight.dtype == torch.float32:
+        elif (type(module) is Linear and (name.startswith("layers.") or name == "lm_head")
+              and module.weight.dtype == torch.float32):
             device = module.weight.device
             if device not in rows:
                 rows[device] = kernels.linear_tile_rows(device)
             if rows[device] is not None:
+                tied = name == "lm_head" and module.weight is getattr(model.embed, "weight", None)
                 _replace(model, name, TiledLinear(module, rows[device]))
+                if tied:
+                    model.embed = TiledEmbedding(model.lm_head)
     return model
 
 

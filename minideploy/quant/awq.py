@@ -213,11 +213,11 @@ def awq_search_(model: LlamaModel, calib_ids: torch.Tensor, config: AWQConfig,
     to measure) completes AWQ. calib_ids [samples, seq] token ids. Float32 models
     only (the search needs the precision).
     """
-    if model.embed.weight.dtype != torch.float32:
+    if model.dtype != torch.float32:
         raise ValueError("AWQ calibration runs on a float32 model")
     for name, module in decoder_linears(model):
         check_group_size(module.in_features, config.group_size, name)
-    x = model.embed(calib_ids.to(model.embed.weight.device))  # [samples, seq, hidden]
+    x = model.embed(calib_ids.to(model.device))  # [samples, seq, hidden]
     chunk = min(config.search_samples, x.shape[0])
     cache = KVCache(model.config, chunk, x.shape[1], x.dtype, x.device)
     reports = []

@@ -20,7 +20,7 @@ def perplexity(model: LlamaModel, windows: torch.Tensor, progress: bool = False,
                quant_policy: int = 0, block_size: int = 64, key_means: torch.Tensor | None = None) -> float:
     """windows [num_windows, window] token ids; each window is scored on its own (no carry-over).
     key_means: the quantized cache's key shift (`cache.kv_cache.mean_keys`)."""
-    device, dtype = model.embed.weight.device, model.embed.weight.dtype
+    device, dtype = model.device, model.dtype
     length = windows.shape[1]
     positions = torch.arange(length, device=device)
     if quant_policy:
