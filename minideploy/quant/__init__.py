@@ -76,8 +76,8 @@ def use_w4a16_linears_(model: LlamaModel, quant: QuantConfig) -> LlamaModel:
 
 @torch.no_grad()
 def tile_linears_(model: LlamaModel) -> LlamaModel:
-    """Swap the decoder's linears for their device kernel's tiled layouts (the same
-    products, faster), in place, and return the model:
+    """Swap the decoder's linears (and on a CPU a float32 LM head) for their device kernel's
+    tiled layouts (the same products, faster), in place, and return the model:
       - every W4A16Linear for a W4A16TiledLinear (CPU and CUDA); a layer whose in_features
         the tile's words do not divide (CUDA: 128 weights) keeps the shared layout;
       - on a CPU, every float32 Linear of the layers and the LM head for a TiledLinear; an
@@ -102,7 +102,7 @@ def tile_linears_(model: LlamaModel) -> LlamaModel:
             if device not in rows:
                 rows[device] = kernels.linear_tile_rows(device)
             if rows[device] is not None:
-                tied = name == "lm_head" and module.weight is getattr(model.embed, "weight", None)
+                tied = name == "lm_head" and module.weight is model.embed.weight
                 _replace(model, name, TiledLinear(module, rows[device]))
                 if tied:
                     model.embed = TiledEmbedding(model.lm_head)
