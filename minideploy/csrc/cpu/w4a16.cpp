@@ -304,6 +304,8 @@ struct RowTile {
 // load, and so are a group's scales and zeros. No transpose: on the default model's
 // shapes 1.5-1.7x the speed of RowTile on one thread, 1.3-1.5x on two (same sums, in
 // the same order).
+typedef uint32_t unaligned_uint32v __attribute__((vector_size(sizeof(uint32v)), aligned(4)));
+
 template <typename scalar_t>
 struct BlockTile {
   const uint32_t* words;           // [K/8, kTile]: this tile's
@@ -323,8 +325,11 @@ struct BlockTile {
     const char* ahead = reinterpret_cast<const char*>(words + tile_words + w0 * kTile);
     for (int line = 0; line < kTile * 16 / 64; ++line) __builtin_prefetch(ahead + 64 * line);
   }
+  // One vector load a word. (A std::memcpy into the array compiled to 16-byte copies
+  // through the stack, each then loaded as one 32-byte vector: a failed store-to-load
+  // forward every word, 6.3 vs 5.1 ms for 30 layers' linears at batch 1, AVX2.)
   void load(int64_t w0, uint32v (&v)[kQuad]) const {
-    for (int w = 0; w < kQuad; ++w) std::memcpy(&v[w], words + (w0 + w) * kTile, sizeof v[w]);
+    for (int w = 0; w < kQuad; ++w) v[w] = *reinterpret_cast<const unaligned_uint32v*>(words + (w0 + w) * kTile);
   }
   void params(int64_t g, floatv& s, floatv& z) const {  // one vector conversion each
     s = simd::to_floatv(scales + g * kTile);
