@@ -40,6 +40,16 @@
 //     contiguous block, the next one prefetched meanwhile) and uses a tile for up
 //     to 4 activation rows at a time while it is in L1, their accumulators in
 //     registers.
+// Tried, not kept (AMD EPYC, AVX2, 2 cores, 2026-11-27): activations rounded to int16 in
+// blocks of the group (a float scale each) and summed with pmaddwd, two nibbles a lane
+// ((words >> 4i) & 0x000F000F is the k-ordered pair 8j + 2i, 8j + 2i + 1), int32 sums per
+// block: 1.65x the float loop's speed in a standalone single-thread loop (31 vs 18 Gweights/s,
+// in cache), but here GCC kept the sums in memory at 1 token, and 30 layers' linears
+// streamed from memory took the same time at 1 token (4.77 vs 4.81 ms), ~20% less at 4-16;
+// it would also have made the outputs differ from the reference by ~2e-5 relative. Software
+// prefetches into L2 or two tiles ahead instead of one: no change. At 1 token this kernel
+// reads qweight and the float32 scales and zeros (a fifth of the bytes at g64) at ~11 GB/s,
+// what a plain torch sum over 120 float buffers of qweight's sizes reached minutes apart.
 // The vectors are GCC's generic ones: AVX-512 or AVX2 + FMA instructions under
 // -march=native on x86, plain code elsewhere. No -ffast-math: the build passes
 // -ffp-contract=off, and the multiply-adds are explicit (fmav).
