@@ -171,6 +171,7 @@ def test_cuda_tensor_core_gqa_matches_reference(dtype, group, block_size):
     for b in range(1, len(lens)):  # no sequence hides behind a small overall error
         assert rel_err(out[b], ref[b]) <= RTOL[dtype], int(lens[b])
 
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("lens,kv_heads", [([1000], 1), ([130], 3), ([0, 700], 1), ([64, 1, 200], 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
