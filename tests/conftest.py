@@ -16,6 +16,14 @@ def portable_isa(request) -> str:
     return request.param
 
 
+@pytest.fixture
+def torch_threads():
+    """`torch.set_num_threads` for one test; the count before it comes back after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def portable_cpu_build():
     """build(extension, isa): the CPU extension built as `kernels.build` builds it, plus

@@ -175,16 +175,12 @@ def test_cuda_tensor_core_gqa_matches_reference(dtype, group, block_size):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("lens,kv_heads", [([1000], 1), ([130], 3), ([0, 700], 1), ([64, 1, 200], 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cpu_decode_attention_splits_few_sequences_over_threads(threads, lens, kv_heads, dtype):
+def test_cpu_decode_attention_splits_few_sequences_over_threads(threads, lens, kv_heads, dtype, torch_threads):
     """Fewer (sequence, kv head) pairs than twice the threads: each sequence's keys in ranges,
     merged after (a range may hold no keys, a sequence none at all)."""
     q, k, v, tables, lens = paged(lens, 16, kv_heads, 3, 64, dtype, "cpu", seed=threads)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = kernels.decode_attention(q, k, v, tables, lens, 0.125)
-    finally:
-        torch.set_num_threads(before)
+    torch_threads(threads)
+    out = kernels.decode_attention(q, k, v, tables, lens, 0.125)
     ref = reference.decode_attention(q, k, v, tables, lens, 0.125)
     for b, n in enumerate(lens.tolist()):
         if n == 0:

@@ -217,16 +217,12 @@ def test_decode_attention_quantized_dtypes_and_shapes(device, bits, dtype, kv_he
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_cpu_decode_attention_quantized_splits_few_sequences_over_threads(bits, threads):
+def test_cpu_decode_attention_quantized_splits_few_sequences_over_threads(bits, threads, torch_threads):
     """The CPU kernel's key ranges (few sequence, kv head pairs for the threads) over codes."""
     q, kc, vc, tables, lens, kp, vp = paged_quant([0, 900], 16, 1, 3, 64, torch.float32, "cpu", bits,
                                                   seed=threads)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = kernels.decode_attention(q, kc, vc, tables, lens, 0.125, kp, vp)
-    finally:
-        torch.set_num_threads(before)
+    torch_threads(threads)
+    out = kernels.decode_attention(q, kc, vc, tables, lens, 0.125, kp, vp)
     ref = reference.decode_attention(q, kc, vc, tables, lens, 0.125, kp, vp)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert rel_err(out[1], ref[1]) <= RTOL_Q[torch.float32]
