@@ -2,8 +2,9 @@
 
 Calls go through `kernels.w4a16_linear` / `kernels.dequantize_w4` with
 MINIDEPLOY_KERNELS=compiled, so a kernel that does not build fails here instead
-of falling back: up to 16 tokens run the GEMV; on a GPU up to 48 run it 16 at a
-time; more tokens (any number on the CPU) dequantize and call the matmul.
+of falling back: on a GPU up to 16 tokens run the GEMV, up to 48 run it 16 at a
+time; on the CPU up to 128 run the kernel (from 9 on, its dequantize-into-cache path);
+more tokens dequantize and call the matmul.
 Weights are random 4-bit values packed by `quant.pack.pack_int4`.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 # (96), a single group (96 / 96), and g = 32 / 64 / 128 / 192.
 SHAPES = [(1, 96, 32), (7, 96, 96), (33, 576, 64), (960, 576, 64), (576, 1536, 128),
           (1000, 1536, 128), (7, 576, 192)]
-TOKENS = [1, 2, 3, 5, 8, 16, 17, 40, 65]  # the GEMV, chunks of it (CUDA), dequantize + matmul
+TOKENS = [1, 2, 3, 5, 8, 16, 17, 40, 65, 130]  # GEMV, chunks (CUDA) or cache tiles (CPU), matmul
 
 
 def dtypes_for(device: str) -> list[torch.dtype]:
@@ -379,7 +380,8 @@ def test_tile_rows_layout_and_inverse(rows, cols):
 @pytest.mark.parametrize("tokens", TOKENS)
 def test_cpu_tiled_linear_is_the_row_layouts_bit_for_bit(tokens, n, k, group):
     """Same sums in the same order as the shared layout's kernel; and the reference's values.
-    Ragged N leaves a partial last tile; above 16 tokens, dequantize + matmul."""
+    Ragged N leaves a partial last tile; 9 to 128 tokens dequantize tiles into cache, more
+    dequantize + matmul."""
     for dtype in dtypes_for("cpu"):
         qweight, scales, zeros = random_weight(n, k, group, dtype, seed=n + k + tokens)
         x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(tokens)).to(dtype)
@@ -403,9 +405,10 @@ def test_tiled_reference_takes_any_tile_shape(rows, cols, kernel_mode):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_tiled_infinities_and_nans_as_in_the_reference(dtype):
+@pytest.mark.parametrize("tokens", [3, 12])  # the GEMV, the dequantize-into-cache path
+def test_cpu_tiled_infinities_and_nans_as_in_the_reference(dtype, tokens):
     qweight, scales, zeros = random_weight(20, 192, 64, dtype, seed=1)
-    x = torch.randn(3, 192, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x = torch.randn(tokens, 192, generator=torch.Generator().manual_seed(2)).to(dtype)
     x[0, -1], x[1, 7] = float("inf"), float("nan")
     out = kernels.w4a16_linear_tiled(x, *cpu_tiles(qweight, scales, zeros), 20)
     ref = reference_linear(x, qweight, scales, zeros).to(dtype)

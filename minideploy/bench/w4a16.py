@@ -2,9 +2,9 @@
 
 For every shape and batch size, one run times
   - `cublas_fp16`: F.linear with the fp16 weight (the chapter-2 baseline),
-  - `w4a16`: minideploy's kernels (GEMV with in-register dequantization up to
-    16 tokens, on a GPU up to 48 in calls of 16; above, dequantize to fp16 then
-    cuBLAS),
+  - `w4a16`: minideploy's kernels (on a GPU: GEMV with in-register dequantization
+    up to 48 tokens in calls of 16; above, dequantize to fp16 then cuBLAS; on a CPU
+    the kernel up to 128 tokens, then dequantize + matmul),
   - `torch_int4pack`: `torch._weight_int4pack_mm` (tinygemm, bf16) where torch has it,
   - `w4a16_tiles`: the same kernel over the weight rearranged into its device's
     tiles of rows (`reference.tile_rows`, `kernels.w4a16_tile_shape`; on a GPU where
@@ -102,7 +102,7 @@ def bench_shape(label, k, n, group, batches, dtype, device, repeats) -> list[dic
             fp16_gemv = kernels.build.load(kernels.LINEAR, "cuda", kernels.build.cuda_arch(device.index or 0))
             for version in (1, 2):
                 runs[f"fp16_gemv_v{version}"] = (lambda v=version: fp16_gemv.linear(x, dense.next()[0], v), n * k * act)
-        if m > kernels.W4A16_GEMV_MAX_TOKENS:  # the two halves of the large-batch path
+        if m > kernels.w4a16_gemv_max_tokens(device):  # the two halves of the large-batch path
             runs["w4a16_dequantize_only"] = (lambda: kernels.dequantize_w4(*w4.next()), 0)
             runs["fp16_matmul_only"] = (lambda: F.linear(x, dense.next()[0]), 0)
         if tinygemm is not None:

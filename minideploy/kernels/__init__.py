@@ -29,7 +29,8 @@ from minideploy.kernels.build import KernelBuildError, cuda_arch, load, try_load
 
 __all__ = ["rms_norm", "add_rms_norm", "rope", "rope_store_kv", "linear", "linear_tiled", "linear_tile_rows",
            "int8_linear", "w4a16_linear", "w4a16_silu_and_mul",
-           "w4a16_linear_tiled", "w4a16_silu_and_mul_tiled", "w4a16_tile_shape", "dequantize_w4", "store_kv",
+           "w4a16_linear_tiled", "w4a16_silu_and_mul_tiled", "w4a16_tile_shape", "w4a16_gemv_max_tokens",
+           "dequantize_w4", "store_kv",
            "decode_attention", "decode_attention_fits", "quantize_kv", "dequantize_kv", "silu_and_mul", "backend_for", "mode", "set_mode", "KernelBuildError", "reference"]
 
 ENV_VAR = "MINIDEPLOY_KERNELS"
@@ -56,8 +57,9 @@ GEMV_MAX_TOKENS_AMX_BF16 = 4
 # that added it): each extra row re-reads activations per weight pack. Batch 1 only, then.
 GEMV_MAX_TOKENS_CUDA = 1
 W4A16 = "w4a16"  # int4-weight linear: GEMV for decode, dequantize + matmul beyond
-# Up to this many tokens the W4A16 GEMV (weights dequantized in registers, read once for
-# every token) is used; a longer prompt dequantizes the weight once and calls the matmul.
+# On a GPU up to this many tokens a W4A16 GEMV call (weights dequantized in registers,
+# read once for every token); a longer prompt dequantizes the weight once and calls the
+# matmul (w4a16_gemv_max_tokens: where, for each device).
 W4A16_GEMV_MAX_TOKENS = 16
 # On a GPU, up to this many tokens still take the GEMV, 16 at a time: each call reads the
 # int4 weights again, fewer bytes than dequantizing them to float16 and reading that back.
@@ -66,6 +68,12 @@ W4A16_GEMV_MAX_TOKENS = 16
 # four took 45-155 us against 35-160 (slower on four shapes of five); 7B decode at batch 32
 # 2377 -> 4146 tok/s (figures/decode_h100.json).
 W4A16_GEMV_CHUNKED_MAX_TOKENS_CUDA = 48
+# On a CPU one call takes up to this many tokens: from 9 on the kernel dequantizes each
+# tile of rows once into cache and multiplies every token by it (csrc/cpu/w4a16.cpp), where
+# dequantize + matmul converts the whole weight to float32 in memory first. Default model,
+# 30 layers' W4 linears, 2 cores (AMD EPYC, AVX2): 32 tokens 87 vs 275 ms, 128: 346 vs
+# 512, 256: 693 vs 681 (a tie).
+W4A16_GEMV_MAX_TOKENS_CPU = 128
 ATTENTION = "attention"  # store_kv and decode_attention
 ACTIVATION = "activation"  # silu_and_mul
 
@@ -255,7 +263,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     ext = _extension(W4A16, x.device)
     if ext is None:
         return reference.w4a16_linear(x, qweight, scales, zeros)
-    if x.dim() == 2 and (x.shape[0] <= W4A16_GEMV_MAX_TOKENS or _w4a16_chunks_fit(x)):
+    if x.dim() == 2 and x.shape[0] <= w4a16_gemv_max_tokens(x.device):
         return _w4a16_gemv(ext.gemv, x, qweight, scales, zeros)  # the kernel checks its inputs
     reference.check_w4a16_args("w4a16_linear", qweight, scales, zeros, x)
     return torch.nn.functional.linear(x, ext.dequantize(qweight, scales, zeros))
@@ -272,19 +280,20 @@ def w4a16_silu_and_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     ext = _extension(W4A16, x.device)
     if ext is None:
         return reference.w4a16_silu_and_mul(x, qweight, scales, zeros)
-    if x.dim() == 2 and (x.shape[0] <= W4A16_GEMV_MAX_TOKENS or _w4a16_chunks_fit(x)):
+    if x.dim() == 2 and x.shape[0] <= w4a16_gemv_max_tokens(x.device):
         return _w4a16_gemv(ext.gemv, x, qweight, scales, zeros, gated=True)
     return silu_and_mul(w4a16_linear(x, qweight, scales, zeros))
 
 
-def _w4a16_chunks_fit(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.shape[0] <= W4A16_GEMV_CHUNKED_MAX_TOKENS_CUDA
+def w4a16_gemv_max_tokens(device: torch.device) -> int:
+    """The most tokens the W4A16 kernels take on `device`; more dequantize + matmul."""
+    return W4A16_GEMV_CHUNKED_MAX_TOKENS_CUDA if device.type == "cuda" else W4A16_GEMV_MAX_TOKENS_CPU
 
 
 def _w4a16_gemv(gemv, x: torch.Tensor, *weight, **gated: bool) -> torch.Tensor:
-    """An extension's GEMV over x's rows, W4A16_GEMV_MAX_TOKENS at a time (a decode step: one call)."""
+    """An extension's GEMV over x's rows; on a GPU W4A16_GEMV_MAX_TOKENS at a time."""
     x = x.contiguous()
-    if x.shape[0] <= W4A16_GEMV_MAX_TOKENS:  # no split: ~4 us a call, ~0.5 ms of a CPU decode step
+    if not x.is_cuda or x.shape[0] <= W4A16_GEMV_MAX_TOKENS:  # no split: ~4 us a call
         return gemv(x, *weight, **gated)
     return torch.cat([gemv(part, *weight, **gated) for part in x.split(W4A16_GEMV_MAX_TOKENS)])
 
@@ -304,7 +313,7 @@ def w4a16_linear_tiled(x: torch.Tensor, qtiles: torch.Tensor, stiles: torch.Tens
     ext = _extension(W4A16, x.device)
     if ext is None:
         return reference.w4a16_linear_tiled(x, qtiles, stiles, ztiles, out_features)
-    if x.dim() == 2 and (x.shape[0] <= W4A16_GEMV_MAX_TOKENS or _w4a16_chunks_fit(x)):
+    if x.dim() == 2 and x.shape[0] <= w4a16_gemv_max_tokens(x.device):
         return _w4a16_gemv(ext.gemv_tiled, x, qtiles, stiles, ztiles, out_features)  # checks its inputs
     reference.check_w4a16_tiled_args("w4a16_linear_tiled", qtiles, stiles, ztiles, out_features, x)
     return w4a16_linear(x, *reference.untile_w4a16(qtiles, stiles, ztiles, out_features))
@@ -316,7 +325,7 @@ def w4a16_silu_and_mul_tiled(x: torch.Tensor, qtiles: torch.Tensor, stiles: torc
     ext = _extension(W4A16, x.device)
     if ext is None:
         return reference.w4a16_silu_and_mul_tiled(x, qtiles, stiles, ztiles, out_features)
-    if x.dim() == 2 and (x.shape[0] <= W4A16_GEMV_MAX_TOKENS or _w4a16_chunks_fit(x)):
+    if x.dim() == 2 and x.shape[0] <= w4a16_gemv_max_tokens(x.device):
         return _w4a16_gemv(ext.gemv_tiled, x, qtiles, stiles, ztiles, out_features, gated=True)
     return silu_and_mul(w4a16_linear_tiled(x, qtiles, stiles, ztiles, out_features))
 

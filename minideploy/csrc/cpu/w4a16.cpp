@@ -67,6 +67,7 @@
 
 #include "simd.h"
 #include "swiglu.h"
+#include "tiles.h"
 #include "../checks.h"
 
 namespace {
@@ -425,6 +426,73 @@ bool gemv_impl(const scalar_t* x, scalar_t* out, int64_t m_size, int64_t n_size,
   return true;
 }
 
+// ---------------------------------------------------------------------------
+// More tokens: each tile dequantized once into cache, then tiles.h's float passes.
+// tile_dot converts every nibble again for each pass of kMaxTokens tokens; from
+// kDequantTokens on it is cheaper to convert a tile's weights once, (q - z) * s into a
+// float32 tile in L1/L2, and multiply it by all the tokens in the passes linear_tiled
+// makes over float32 weights (as many tokens a pass as the registers hold).
+// ---------------------------------------------------------------------------
+
+constexpr int64_t kDequantTokens = 9;
+
+// The tile's weights as float32 [K, kTile] (reference.tile_rows' layout of one tile):
+// (q - z) * s, the order dequantize rounds in.
+template <typename Tile>
+inline void dequantize_tile(const Gemv& p, const Tile& tile, float* w) {
+  for (int64_t g = 0; g < p.groups; ++g) {
+    tile.prefetch_group(g);
+    floatv s, z;
+    tile.params(g, s, z);
+    for (int64_t quad = 0; quad < p.group_quads; ++quad) {
+      const int64_t w0 = (g * p.group_quads + quad) * kQuad;
+      tile.prefetch_quad(w0);
+      uint32v v[kQuad];
+      tile.load(w0, v);
+      for (int j = 0; j < kQuad; ++j) {
+        float* row = w + (w0 + j) * kPack * kTile;
+        for (int i = 0; i < kPack; ++i) {
+          const floatv q = __builtin_convertvector((int32v)((v[j] >> (4 * i)) & 0xFu), floatv);
+          const floatv value = (q - z) * s;
+          std::memcpy(row + kOrder[i] * kTile, &value, sizeof value);
+        }
+      }
+    }
+  }
+}
+
+// out [M, N] float32 = x @ w^T for M >= kDequantTokens, two tiles a step: dequantized into
+// a buffer of the thread's, then every token multiplied.
+template <typename MakeTile>
+void dequant_gemm_impl(const float* xt, float* out, int64_t m_size, int64_t n_size, int64_t k_size,
+                       int64_t groups, MakeTile make_tile) {
+  const int64_t words = k_size / kPack;
+  const Gemv p{n_size, words, groups, words / groups / kQuad, nullptr, nullptr};
+  const int64_t tiles = (n_size + kTile - 1) / kTile;
+  at::parallel_for(0, (tiles + 1) / 2, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(2 * k_size * kTile);
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t first = 2 * pair, count = std::min<int64_t>(2, tiles - first);
+      for (int64_t c = 0; c < count; ++c) {
+        dequantize_tile(p, make_tile(p, (first + c) * kTile), buffer.data() + c * k_size * kTile);
+      }
+      for (int64_t c = 0; c < count; ++c) {
+        tiled::block<1, tiled::kLongTokens>(xt, m_size, buffer.data() + c * k_size * kTile, k_size, out,
+                                            n_size, (first + c) * kTile, false);
+      }
+    }
+  });
+}
+
+// gemv's result for m >= kDequantTokens tokens, in x's dtype.
+template <typename MakeTile>
+at::Tensor dequant_gemm(const at::Tensor& x, int64_t n, int64_t groups, MakeTile make_tile) {
+  const at::Tensor xt = x.to(at::kFloat).t().contiguous();  // [K, M]
+  auto out = at::empty({x.size(0), n}, x.options().dtype(at::kFloat));
+  dequant_gemm_impl(xt.data_ptr<float>(), out.data_ptr<float>(), x.size(0), n, x.size(1), groups, make_tile);
+  return out.to(x.scalar_type());
+}
+
 at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros);
 
 // silu(gate) * up [M, N / 2] of a [gate | up] output y [M, N].
@@ -451,6 +519,14 @@ at::Tensor gemv_ungated(const at::Tensor& x, const at::Tensor& qweight, const at
                         const at::Tensor& zeros, const char* op) {
   check_args(op, qweight, scales, zeros, &x);
   const int64_t m = x.size(0), n = qweight.size(0), k = x.size(1);
+  if (m >= kDequantTokens && n > 0) {
+    return AT_DISPATCH_SWITCH(x.scalar_type(), "w4a16_gemv", W4A16_FLOAT_CASES([&] {
+      const int32_t* q = qweight.data_ptr<int32_t>();
+      const scalar_t *s = scales.data_ptr<scalar_t>(), *z = zeros.data_ptr<scalar_t>();
+      return dequant_gemm(x, n, scales.size(1),
+                          [&](const Gemv& p, int64_t n0) { return RowTile<scalar_t>(p, n0, q, s, z); });
+    }));
+  }
   auto out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
   bool done = false;
@@ -484,6 +560,14 @@ at::Tensor gemv_tiled_ungated(const at::Tensor& x, const at::Tensor& qtiles, con
                               const at::Tensor& ztiles, int64_t n, const char* op) {
   check_tiled_args(op, qtiles, stiles, ztiles, n, x);
   const int64_t m = x.size(0), k = x.size(1);
+  if (m >= kDequantTokens) {
+    return AT_DISPATCH_SWITCH(x.scalar_type(), "w4a16_gemv_tiled", W4A16_FLOAT_CASES([&] {
+      const int32_t* q = qtiles.data_ptr<int32_t>();
+      const scalar_t *s = stiles.data_ptr<scalar_t>(), *z = ztiles.data_ptr<scalar_t>();
+      return dequant_gemm(x, n, stiles.size(1),
+                          [&](const Gemv& p, int64_t n0) { return BlockTile<scalar_t>(p, n0, q, s, z); });
+    }));
+  }
   auto out = at::empty({m, n}, x.options());
   if (m == 0) return out;
   bool done = false;
