@@ -155,6 +155,25 @@ def test_rotating_overflows_the_cache_with_distinct_copies():
     assert timing.cache_bytes("cpu") > 0
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_read_floors_annotate_graph_points_once_per_size():
+    device = torch.device("cuda")
+    stats = timing.describe([2e-6, 3e-6])
+    points = [{"method": "kernel_graph", "bytes": 1 << 22, "stats": stats},
+              {"method": "kernel", "bytes": 1 << 22, "stats": stats},
+              {"method": "w4a16_graph", "bytes": 1 << 22, "stats": stats},
+              {"method": "w4a16_graph", "bytes": 1 << 24, "stats": stats}]
+    timing.add_read_floors(points, device, repeats=3, read_bytes_per_s=3e12)
+    assert "read_floor" not in points[1]
+    assert points[0]["read_floor"] is not points[2]["read_floor"]
+    assert points[0]["read_floor"]["stats"] == points[2]["read_floor"]["stats"]  # one measurement a size
+    for p in (points[0], points[2], points[3]):
+        floor = p["read_floor"]
+        assert floor["stats"]["n"] == 3 and 0 < floor["fraction_of_read_bandwidth"] < 2
+        assert p["fraction_of_read_floor"] == floor["stats"]["median"] / stats["median"]
+
+
 def test_measured_cpu_ceilings_are_positive():
     bw = roofline.measure_bandwidth("cpu", nbytes=16 * 2**20, warmup=1, repeats=3)
     mm = roofline.measure_matmul("cpu", sizes=(64, 256), warmup=1, repeats=3)

@@ -11,7 +11,9 @@ times
 On a GPU also `kernel_graph`: the kernel's calls replayed back to back from a CUDA
 graph, one per cache copy (at least 4), as a decode step runs attention: its share of
 the GPU time without the ~4 us of launch and event gap that one timed call carries
-(at batch 1 and 4k tokens, a third of the call).
+(at batch 1 and 4k tokens, a third of the call), and beside each such point the same
+replay of a plain read of as many bytes (`timing.add_read_floors`): at a few MB no kernel
+reaches the bandwidth of a 1 GiB read, and this says how far any can.
 Each reports bytes/s = (K/V bytes read + their scale/zero params + q + out) / time,
 as a fraction of the read bandwidth measured in the same run (the issue's target:
 >= 70 % at contexts of 4k and more on an H100). The int8 / int4 caches read 1/2 and
@@ -35,7 +37,7 @@ import torch
 from .. import kernels
 from ..roofline import measure_bandwidth
 from .common import FIGURES, bench_parser, device_tag, load_result, save_figure, write_result
-from .timing import Rotating, cache_bytes, describe, time_fn, time_graph
+from .timing import Rotating, add_read_floors, cache_bytes, describe, time_fn, time_graph
 
 BLOCK_SIZE = 64
 POLICIES = (0, 8, 4)
@@ -141,8 +143,12 @@ def summarize(points: list[dict]) -> dict:
                         and p["method"] == method and p["context"] >= TARGET_CONTEXT]
                 if mine:
                     fr = [p["fraction_of_read_bandwidth"] for p in mine]
-                    out[f"{shape} policy {policy}{suffix}"] = {
-                        "min": min(fr), "median": statistics.median(fr), "max": max(fr), "points": len(fr)}
+                    entry = {"min": min(fr), "median": statistics.median(fr), "max": max(fr), "points": len(fr)}
+                    if all("read_floor" in p for p in mine):  # what a plain read of the same bytes reaches
+                        floor = [p["read_floor"]["fraction_of_read_bandwidth"] for p in mine]
+                        entry["read_floor"] = {"min": min(floor), "median": statistics.median(floor),
+                                               "max": max(floor)}
+                    out[f"{shape} policy {policy}{suffix}"] = entry
     return out
 
 
@@ -231,6 +237,8 @@ def main(argv=None) -> dict:
                           flush=True)
                     if cuda:
                         torch.cuda.empty_cache()
+    if cuda:
+        add_read_floors(points, device, repeats, read_bw)
     result = {"dtype": str(dtype).removeprefix("torch."), "block_size": BLOCK_SIZE, "contexts": contexts,
               "batches": batches, "policies": policies, "small_shapes": not cuda, "baseline": "reference",
               "target": {"fraction_of_read_bandwidth": TARGET_FRACTION, "min_context": TARGET_CONTEXT},
@@ -240,7 +248,14 @@ def main(argv=None) -> dict:
     plot(load_result(f"paged_attention_{tag}"), FIGURES / f"paged_attention_{tag}.png")
     for key, s in result["summary"].items():
         print(f"{key:>28}: kernel at context >= {TARGET_CONTEXT}: {s['min']:.0%} .. {s['max']:.0%} "
-              f"of {read_bw / 1e9:.0f} GB/s (median {s['median']:.0%}, {s['points']} points)")
+              f"of {read_bw / 1e9:.0f} GB/s (median {s['median']:.0%}, {s['points']} points)"
+              + (f"; a plain read of the same bytes: {s['read_floor']['min']:.0%} .. {s['read_floor']['max']:.0%}"
+                 if "read_floor" in s else ""))
+    for p in points:
+        if "read_floor" in p and p["batch"] == 1 and p["context"] >= TARGET_CONTEXT // 2:
+            print(f"{p['shape']:>12} policy {p['quant_policy']} bs 1 ctx {p['context']:>6}, graph: kernel "
+                  f"{p['fraction_of_read_bandwidth']:.0%}, a plain read of its {p['bytes'] / 1e6:.1f} MB "
+                  f"{p['read_floor']['fraction_of_read_bandwidth']:.0%} of the bandwidth")
     print(f"-> {out}")
     return result
 

@@ -109,6 +109,28 @@ def time_graph(fn: Callable[[], object], calls: int, device: torch.device, repea
     return [t / calls for t in time_fn(graph.replay, warmup=2, repeats=repeats, device=device)]
 
 
+def add_read_floors(points: list[dict], device: torch.device, repeats: int, read_bytes_per_s: float) -> None:
+    """Give each graph-replayed point (method ending in "_graph") the time of a plain read of
+    its bytes, timed the same way: the float32 sum that defines the measured bandwidth
+    (roofline.measure_bandwidth) over as many bytes, replayed from a CUDA graph through copies
+    that overflow the cache. At a few MB the fixed costs of a kernel (its graph node's launch,
+    the ramp up to full bandwidth, the tail) are a share of the time that a 1 GiB read hides:
+    `read_floor` says what fraction of the bandwidth any kernel reading these bytes reaches
+    by that measure, `fraction_of_read_floor` how close the point comes to it."""
+    floors: dict[int, dict] = {}
+    for p in points:
+        if not p["method"].endswith("_graph"):
+            continue
+        nbytes = p["bytes"]
+        if nbytes not in floors:
+            data = Rotating(torch.randn(max(1, nbytes // 4), device=device))
+            floors[nbytes] = describe(time_graph(lambda: data.next()[0].sum(), max(4, len(data)), device, repeats))
+            del data
+        floor = floors[nbytes]
+        p["read_floor"] = {"stats": floor, "fraction_of_read_bandwidth": nbytes / floor["median"] / read_bytes_per_s}
+        p["fraction_of_read_floor"] = floor["median"] / p["stats"]["median"]
+
+
 def describe(samples: list[float]) -> dict:
     """Median and spread (min, quartiles, max) of raw samples."""
     ordered = sorted(samples)

@@ -18,7 +18,9 @@ compute-bound, and the dequantization pass is pure extra time.
 At 1 and 16 tokens `cublas_fp16_graph`, `w4a16_graph` and `w4a16_tiles_graph` time the same calls
 replayed from a CUDA graph, one call per weight copy back to back, as a decode
 step runs them: each call's share of the GPU time without the launch and event
-gap that a single timed call carries (an empty kernel times ~4 µs on an H100).
+gap that a single timed call carries (an empty kernel times ~4 µs on an H100); beside
+each, the same replay of a plain read of as many bytes (`timing.add_read_floors`: at a few
+MB no kernel reaches the bandwidth of a 1 GiB read; this says how far any can).
 
 Weights rotate through copies that overflow L2, as inside a model. Bytes of a
 W4A16 call: N·K/2 packed weights + 2·N·K/g·2 scales and zeros + activations.
@@ -37,7 +39,7 @@ from ..quant.rtn import quantize
 from ..roofline import measure_bandwidth
 from .common import FIGURES, bench_parser, device_tag, load_result, save_figure, write_result
 from .roofline import CPU_SCALE, SHAPES_7B
-from .timing import Rotating, describe, time_fn, time_graph
+from .timing import Rotating, add_read_floors, describe, time_fn, time_graph
 
 CUDA_BATCHES = "1,2,4,8,16,32,64,128,256"
 # The model runs gate and up as one fused projection (silu_and_mul splits its output).
@@ -200,17 +202,22 @@ def main(argv=None) -> dict:
         base = next(b for b in points if b["shape"] == p["shape"] and b["batch"] == p["batch"]
                     and b["method"] == base_method)
         p["speedup_vs_baseline"] = base["stats"]["median"] / p["stats"]["median"]
+    if cuda:
+        add_read_floors(points, device, args.repeats or 20, bandwidth["read_bytes_per_s"])
     result = {"dtype": str(dtype).removeprefix("torch."), "group_size": args.group_size, "batches": batches,
               "small_shapes": not cuda, "baseline": baseline, "bandwidth": bandwidth, "points": points}
     tag = device_tag(device)
     out = write_result(f"w4a16_{tag}", result, device)
     result = load_result(f"w4a16_{tag}")
     plot(result, FIGURES / f"w4a16_{tag}.png")
-    print(f"{'shape':>20} {'batch':>5} {'method':>22} {'us':>9} {'GB/s':>7} {'of BW':>6} {'x base':>6}")
+    print(f"{'shape':>20} {'batch':>5} {'method':>22} {'us':>9} {'GB/s':>7} {'of BW':>6} {'x base':>6} "
+          f"{'plain read of the bytes':>24}")
     for p in points:
+        floor = (f"{p['read_floor']['stats']['median'] * 1e6:>9.1f} us {p['read_floor']['fraction_of_read_bandwidth']:>4.0%}"
+                 f" of BW" if "read_floor" in p else "")
         print(f"{p['shape']:>20} {p['batch']:>5} {p['method']:>22} {p['stats']['median'] * 1e6:>9.1f} "
               f"{p['bytes_per_s'] / 1e9:>7.0f} {p['fraction_of_read_bandwidth']:>6.0%} "
-              f"{p['speedup_vs_baseline']:>6.2f}")
+              f"{p['speedup_vs_baseline']:>6.2f} {floor}")
     print(f"-> {out}")
     return result
 
