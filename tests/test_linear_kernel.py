@@ -248,3 +248,37 @@ def test_cuda_gemv_rejects_bad_inputs():
         ext.linear(x.float(), torch.randn(4, 16, device="cuda"))
     with pytest.raises(RuntimeError, match="version must be 1 or 2"):
         ext.linear(x, torch.randn(4, 16, device="cuda", dtype=torch.float16), 3)
+
+
+@pytest.mark.parametrize("words", [0, 4, 12, 4 * 1001])
+def test_read_words_reference_is_the_xor_of_the_words(words):
+    data = torch.randint(-2**31, 2**31 - 1, (words,), dtype=torch.int32, generator=torch.Generator().manual_seed(words))
+    expected = 0
+    for w in data.tolist():
+        expected ^= w
+    assert kernels.reference.read_words(data).tolist() == [expected]
+    assert kernels.read_words(data).tolist() == [expected]  # the CPU takes the reference
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("nbytes", [16, 48, 4096 * 16 + 16, 9 * 2**20 + 16 * 77, 64 * 2**20])
+def test_cuda_read_kernel_matches_reference(nbytes):
+    """Every 16-byte unit is read once: grid-strided loops with 4 loads in flight, ragged tails."""
+    data = torch.randint(-2**31, 2**31 - 1, (nbytes // 4,), dtype=torch.int32, device="cuda")
+    assert torch.equal(kernels.read_words(data).cpu(), kernels.reference.read_words(data.cpu()))
+    as_bytes = data.view(torch.uint8)  # any dtype: only the bytes count
+    assert torch.equal(kernels.read_words(as_bytes).cpu(), kernels.reference.read_words(data.cpu()))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_read_kernel_rejects_bad_inputs():
+    data = torch.zeros(64, dtype=torch.int32, device="cuda")
+    for fn in (kernels.read_words, lambda d: kernels.reference.read_words(d.cpu())):
+        with pytest.raises((RuntimeError, ValueError), match="multiple of 16 bytes"):
+            fn(data[:5])
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        kernels.read_words(data[1:5])
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernels.read_words(data.view(8, 8).t())

@@ -12,7 +12,7 @@ On a GPU also `kernel_graph`: the kernel's calls replayed back to back from a CU
 graph, one per cache copy (at least 4), as a decode step runs attention: its share of
 the GPU time without the ~4 us of launch and event gap that one timed call carries
 (at batch 1 and 4k tokens, a third of the call), and beside each such point the same
-replay of a plain read of as many bytes (`timing.add_read_floors`): at a few MB no kernel
+replay of a kernel that only reads as many bytes (`timing.add_read_floors`): at a few MB no kernel
 reaches the bandwidth of a 1 GiB read, and this says how far any can.
 Each reports bytes/s = (K/V bytes read + their scale/zero params + q + out) / time,
 as a fraction of the read bandwidth measured in the same run (the issue's target:
@@ -144,7 +144,7 @@ def summarize(points: list[dict]) -> dict:
                 if mine:
                     fr = [p["fraction_of_read_bandwidth"] for p in mine]
                     entry = {"min": min(fr), "median": statistics.median(fr), "max": max(fr), "points": len(fr)}
-                    if all("read_floor" in p for p in mine):  # what a plain read of the same bytes reaches
+                    if all("read_floor" in p for p in mine):  # what a read-only kernel of the same bytes reaches
                         floor = [p["read_floor"]["fraction_of_read_bandwidth"] for p in mine]
                         entry["read_floor"] = {"min": min(floor), "median": statistics.median(floor),
                                                "max": max(floor)}
@@ -249,12 +249,12 @@ def main(argv=None) -> dict:
     for key, s in result["summary"].items():
         print(f"{key:>28}: kernel at context >= {TARGET_CONTEXT}: {s['min']:.0%} .. {s['max']:.0%} "
               f"of {read_bw / 1e9:.0f} GB/s (median {s['median']:.0%}, {s['points']} points)"
-              + (f"; a plain read of the same bytes: {s['read_floor']['min']:.0%} .. {s['read_floor']['max']:.0%}"
-                 if "read_floor" in s else ""))
+              + (f"; a kernel that only reads the same bytes: {s['read_floor']['min']:.0%} .. "
+                 f"{s['read_floor']['max']:.0%}" if "read_floor" in s else ""))
     for p in points:
         if "read_floor" in p and p["batch"] == 1 and p["context"] >= TARGET_CONTEXT // 2:
             print(f"{p['shape']:>12} policy {p['quant_policy']} bs 1 ctx {p['context']:>6}, graph: kernel "
-                  f"{p['fraction_of_read_bandwidth']:.0%}, a plain read of its {p['bytes'] / 1e6:.1f} MB "
+                  f"{p['fraction_of_read_bandwidth']:.0%}, a kernel that only reads its {p['bytes'] / 1e6:.1f} MB "
                   f"{p['read_floor']['fraction_of_read_bandwidth']:.0%} of the bandwidth")
     print(f"-> {out}")
     return result

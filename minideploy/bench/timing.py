@@ -110,21 +110,25 @@ def time_graph(fn: Callable[[], object], calls: int, device: torch.device, repea
 
 
 def add_read_floors(points: list[dict], device: torch.device, repeats: int, read_bytes_per_s: float) -> None:
-    """Give each graph-replayed point (method ending in "_graph") the time of a plain read of
-    its bytes, timed the same way: the float32 sum that defines the measured bandwidth
-    (roofline.measure_bandwidth) over as many bytes, replayed from a CUDA graph through copies
-    that overflow the cache. At a few MB the fixed costs of a kernel (its graph node's launch,
-    the ramp up to full bandwidth, the tail) are a share of the time that a 1 GiB read hides:
-    `read_floor` says what fraction of the bandwidth any kernel reading these bytes reaches
-    by that measure, `fraction_of_read_floor` how close the point comes to it."""
+    """Give each graph-replayed point (method ending in "_graph") the time of a kernel that
+    only reads as many bytes (`kernels.read_words`: 16-byte loads, several in flight, every
+    SM busy), replayed from a CUDA graph through copies that overflow the cache, as the
+    point's calls are. The measured bandwidth is a 1 GiB read; at a few MB the fixed costs of
+    any kernel (its launch, the ramp up to full bandwidth, the tail) take a share of the
+    time: `read_floor` says what fraction of the bandwidth a kernel that does nothing but
+    read these bytes reaches, `fraction_of_read_floor` how close the point comes to it."""
+    from .. import kernels
+
     floors: dict[int, dict] = {}
     for p in points:
         if not p["method"].endswith("_graph"):
             continue
         nbytes = p["bytes"]
         if nbytes not in floors:
-            data = Rotating(torch.randn(max(1, nbytes // 4), device=device))
-            floors[nbytes] = describe(time_graph(lambda: data.next()[0].sum(), max(4, len(data)), device, repeats))
+            words = -(-nbytes // 16) * 4  # whole 16-byte loads
+            data = Rotating(torch.randint(-2**31, 2**31 - 1, (words,), dtype=torch.int32, device=device))
+            floors[nbytes] = describe(time_graph(lambda: kernels.read_words(data.next()[0]), max(4, len(data)),
+                                                 device, repeats))
             del data
         floor = floors[nbytes]
         p["read_floor"] = {"stats": floor, "fraction_of_read_bandwidth": nbytes / floor["median"] / read_bytes_per_s}

@@ -29,7 +29,7 @@ from minideploy.kernels.build import KernelBuildError, cuda_arch, load, try_load
 
 __all__ = ["rms_norm", "add_rms_norm", "rope", "rope_store_kv", "linear", "linear_tiled", "linear_tile_rows",
            "int8_linear", "w4a16_linear", "w4a16_silu_and_mul",
-           "w4a16_linear_tiled", "w4a16_silu_and_mul_tiled", "w4a16_tile_shape", "w4a16_gemv_max_tokens",
+           "w4a16_linear_tiled", "w4a16_silu_and_mul_tiled", "w4a16_tile_shape", "w4a16_gemv_max_tokens", "read_words",
            "dequantize_w4", "store_kv",
            "decode_attention", "decode_attention_fits", "quantize_kv", "dequantize_kv", "silu_and_mul", "backend_for", "mode", "set_mode", "KernelBuildError", "reference"]
 
@@ -238,6 +238,16 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
         if ext is not None:
             return ext.linear_int8(x.contiguous(), qweight, scales)
     return reference.int8_linear(x, qweight, scales)
+
+
+def read_words(data: torch.Tensor) -> torch.Tensor:
+    """A kernel that only reads `data` (the xor of its 32-bit words, int32 [1]): how fast a
+    memory-bound kernel of that many bytes can be at best (bench.timing.add_read_floors).
+    CUDA; the reference elsewhere."""
+    ext = _extension(LINEAR, data.device) if data.is_cuda else None
+    if ext is None:
+        return reference.read_words(data)
+    return ext.read(data)
 
 
 def _gemv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -34,6 +34,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace {
@@ -253,10 +254,68 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, int64_t version
   return out;
 }
 
+// ---------------------------------------------------------------------------
+// read: a kernel that only reads, the floor of any memory-bound kernel of the same bytes.
+// The measured bandwidth (roofline.measure_bandwidth) is a 1 GiB read; a kernel that
+// streams a few MB also pays a fixed part (launch, ramp-up, tail) that no kernel avoids.
+// This one does nothing but the reads, the way the GEMV does them: 16-byte loads,
+// kInFlight per lane issued before any is used, grid-strided, every SM's warp slots full
+// where the bytes allow; it xors the words into one value (so the loads are not dropped)
+// and writes it once a warp. Launched like the other kernels (launch.cuh's PDL), so
+// replayed from a graph it overlaps its predecessor as they do.
+// ---------------------------------------------------------------------------
+
+constexpr int kReadThreads = 256;
+
+__global__ void __launch_bounds__(kReadThreads) read_kernel(const uint4* __restrict__ data, int64_t units,
+                                                            uint32_t* __restrict__ out) {
+  minideploy::let_next_start_then_wait();  // launch.cuh
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  uint32_t acc = 0;
+  for (; i + (kInFlight - 1) * stride < units; i += kInFlight * stride) {
+    uint4 v[kInFlight];
+#pragma unroll
+    for (int j = 0; j < kInFlight; ++j) v[j] = __ldg(data + i + j * stride);
+#pragma unroll
+    for (int j = 0; j < kInFlight; ++j) acc ^= v[j].x ^ v[j].y ^ v[j].z ^ v[j].w;
+  }
+  for (; i < units; i += stride) {
+    const uint4 v = __ldg(data + i);
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) acc ^= __shfl_xor_sync(0xffffffffu, acc, offset);
+  if (threadIdx.x % kWarpSize == 0) atomicXor(out, acc);
+}
+
+at::Tensor read(const at::Tensor& data) {
+  TORCH_CHECK(data.is_cuda() && data.is_contiguous(), "read: data must be a contiguous CUDA tensor");
+  const int64_t nbytes = data.numel() * data.element_size();
+  TORCH_CHECK(nbytes % 16 == 0 && reinterpret_cast<uintptr_t>(data.data_ptr()) % 16 == 0,
+              "read: data must be 16-byte aligned and a multiple of 16 bytes long, got ", nbytes, " bytes");
+  const c10::cuda::CUDAGuard guard(data.device());
+  auto out = at::zeros({1}, data.options().dtype(at::kInt));
+  const int64_t units = nbytes / 16;
+  if (units == 0) return out;
+  int sms = 0, blocks_per_sm = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, data.get_device()));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, read_kernel, kReadThreads, 0));
+  const int64_t wanted = (units + kReadThreads * kInFlight - 1) / (kReadThreads * kInFlight);
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(wanted, static_cast<int64_t>(sms) * blocks_per_sm)));
+  minideploy::launch(read_kernel, grid, dim3(kReadThreads), 0, c10::cuda::getCurrentCUDAStream(),
+                     reinterpret_cast<const uint4*>(data.data_ptr()), units,
+                     reinterpret_cast<uint32_t*>(out.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "minideploy CUDA kernels: small-batch linear (GEMV)";
   m.def("linear", &linear, "x @ weight^T for up to 8 rows of x (CUDA); version 1 or 2 (see the header)",
         py::arg("x"), py::arg("weight"), py::arg("version") = 2);
+  m.def("read", &read, "xor of every 32-bit word of data: a kernel that only reads (the floor of a "
+        "memory-bound kernel of the same bytes)", py::arg("data"));
 }
