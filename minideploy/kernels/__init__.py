@@ -247,7 +247,7 @@ def read_words(data: torch.Tensor) -> torch.Tensor:
     ext = _extension(LINEAR, data.device) if data.is_cuda else None
     if ext is None:
         return reference.read_words(data)
-    return ext.read(data)
+    return ext.read_words(data)
 
 
 def _gemv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:

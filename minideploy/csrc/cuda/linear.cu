@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(kReadThreads) read_kernel(const uint4* __restr
   if (threadIdx.x % kWarpSize == 0) atomicXor(out, acc);
 }
 
-at::Tensor read(const at::Tensor& data) {
+at::Tensor read_words(const at::Tensor& data) {
   TORCH_CHECK(data.is_cuda() && data.is_contiguous(), "read: data must be a contiguous CUDA tensor");
   const int64_t nbytes = data.numel() * data.element_size();
   TORCH_CHECK(nbytes % 16 == 0 && reinterpret_cast<uintptr_t>(data.data_ptr()) % 16 == 0,
@@ -316,6 +316,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "minideploy CUDA kernels: small-batch linear (GEMV)";
   m.def("linear", &linear, "x @ weight^T for up to 8 rows of x (CUDA); version 1 or 2 (see the header)",
         py::arg("x"), py::arg("weight"), py::arg("version") = 2);
-  m.def("read", &read, "xor of every 32-bit word of data: a kernel that only reads (the floor of a "
+  m.def("read_words", &read_words, "xor of every 32-bit word of data: a kernel that only reads (the floor of a "
         "memory-bound kernel of the same bytes)", py::arg("data"));
 }
