@@ -241,9 +241,9 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
 
 
 def read_words(data: torch.Tensor) -> torch.Tensor:
-    """A kernel that only reads `data` (the xor of its 32-bit words, int32 [1]): how fast a
-    memory-bound kernel of that many bytes can be at best (bench.timing.add_read_floors).
-    CUDA; the reference elsewhere."""
+    """A kernel that only reads `data`: how fast a memory-bound kernel of that many bytes can
+    be at best (bench.timing.add_read_floors). Returns int32 words whose xor is the xor of
+    data's 32-bit words (`reference.read_words` of either); CUDA, the reference elsewhere."""
     ext = _extension(LINEAR, data.device) if data.is_cuda else None
     if ext is None:
         return reference.read_words(data)
