@@ -354,25 +354,6 @@ def w4a16_silu_and_mul_tiled(x: torch.Tensor, qtiles: torch.Tensor, stiles: torc
 # qweight [N, K] int8, scales [N] float32: w[n, k] = qweight[n, k] * scales[n]
 # (symmetric, one scale per output row); x [M, K] in any float dtype.
 
-def check_read_words_args(data: torch.Tensor) -> None:
-    nbytes = data.numel() * data.element_size()
-    if not data.is_contiguous():
-        _fail("read: data must be a contiguous CUDA tensor")
-    if nbytes % 16 or data.data_ptr() % 16:
-        _fail(f"read: data must be 16-byte aligned and a multiple of 16 bytes long, got {nbytes} bytes")
-
-
-def read_words(data: torch.Tensor) -> torch.Tensor:
-    """The xor of every 32-bit word of `data` (int32 [1]): what the read kernel computes so
-    that its loads count (csrc/cuda/linear.cu)."""
-    check_read_words_args(data)
-    words = data.reshape(-1).view(torch.int32)
-    while words.numel() > 1:
-        half = words.numel() // 2
-        words = torch.cat([words[:half] ^ words[half:2 * half], words[2 * half:]])
-    return words.reshape(1) if words.numel() else torch.zeros(1, dtype=torch.int32, device=data.device)
-
-
 def check_int8_linear_args(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> None:
     op = "linear_int8"
     _check_float(op, "x", x)
@@ -740,3 +721,24 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     check_silu_and_mul_args(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+# --- read_words: a kernel that only reads (the floor of memory-bound kernels) ---------
+
+def check_read_words_args(data: torch.Tensor) -> None:
+    nbytes = data.numel() * data.element_size()
+    if not data.is_contiguous():
+        _fail("read_words: data must be a contiguous CUDA tensor")
+    if nbytes % 16 or data.data_ptr() % 16:
+        _fail(f"read_words: data must be 16-byte aligned and a multiple of 16 bytes long, got {nbytes} bytes")
+
+
+def read_words(data: torch.Tensor) -> torch.Tensor:
+    """The xor of every 32-bit word of `data` (int32 [1]): what the read kernel computes so
+    that its loads count (csrc/cuda/linear.cu)."""
+    check_read_words_args(data)
+    words = data.reshape(-1).view(torch.int32)
+    while words.numel() > 1:
+        half = words.numel() // 2
+        words = torch.cat([words[:half] ^ words[half:2 * half], words[2 * half:]])
+    return words.reshape(1) if words.numel() else torch.zeros(1, dtype=torch.int32, device=data.device)

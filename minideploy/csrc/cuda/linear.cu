@@ -255,14 +255,15 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, int64_t version
 }
 
 // ---------------------------------------------------------------------------
-// read: a kernel that only reads, the floor of any memory-bound kernel of the same bytes.
-// The measured bandwidth (roofline.measure_bandwidth) is a 1 GiB read; a kernel that
+// read_words: a kernel that only reads, the floor of any memory-bound kernel of the same
+// bytes. The measured bandwidth (roofline.measure_bandwidth) is a 1 GiB read; a kernel that
 // streams a few MB also pays a fixed part (launch, ramp-up, tail) that no kernel avoids.
 // This one does nothing but the reads, the way the GEMV does them: 16-byte loads,
 // kInFlight per lane issued before any is used, grid-strided, every SM's warp slots full
-// where the bytes allow; each warp xors its words into one value (so the loads are not
-// dropped) and writes it: the xor of the output is the xor of every word of data. Launched like the other kernels (launch.cuh's PDL), so
-// replayed from a graph it overlaps its predecessor as they do.
+// where the bytes allow. Each warp xors its words into one value (so the loads are not
+// dropped) and stores it: the xor of the output is the xor of every word of data
+// (reference.read_words). Launched like the other kernels (launch.cuh's PDL), so replayed
+// from a graph it overlaps its predecessor as they do.
 // ---------------------------------------------------------------------------
 
 constexpr int kReadThreads = 256;
@@ -293,10 +294,10 @@ __global__ void __launch_bounds__(kReadThreads) read_kernel(const uint4* __restr
 }
 
 at::Tensor read_words(const at::Tensor& data) {
-  TORCH_CHECK(data.is_cuda() && data.is_contiguous(), "read: data must be a contiguous CUDA tensor");
+  TORCH_CHECK(data.is_cuda() && data.is_contiguous(), "read_words: data must be a contiguous CUDA tensor");
   const int64_t nbytes = data.numel() * data.element_size();
   TORCH_CHECK(nbytes % 16 == 0 && reinterpret_cast<uintptr_t>(data.data_ptr()) % 16 == 0,
-              "read: data must be 16-byte aligned and a multiple of 16 bytes long, got ", nbytes, " bytes");
+              "read_words: data must be 16-byte aligned and a multiple of 16 bytes long, got ", nbytes, " bytes");
   const c10::cuda::CUDAGuard guard(data.device());
   const int64_t units = nbytes / 16;
   if (units == 0) return at::zeros({1}, data.options().dtype(at::kInt));
@@ -321,6 +322,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x @ weight^T for up to 8 rows of x (CUDA); version 1 or 2 (see the header)",
         py::arg("x"), py::arg("weight"), py::arg("version") = 2);
   m.def("read_words", &read_words, "int32 words whose xor is that of every 32-bit word of data: a kernel "
-        "that only reads (the floor of a "
-        "memory-bound kernel of the same bytes)", py::arg("data"));
+        "that only reads (the floor of a memory-bound kernel of the same bytes)", py::arg("data"));
 }
