@@ -523,28 +523,32 @@ const char* gemv_op(bool gated, int64_t n, const char* plain, const char* gated_
   return gated ? gated_op : plain;
 }
 
+// The kernel's result for x [m >= 1, K] (n >= 1 rows): dequant_gemm from kDequantTokens
+// tokens, else gemv_impl; an undefined tensor when gemv_impl found an infinity or NaN in x.
+template <typename scalar_t, typename MakeTile>
+at::Tensor gemv_or_dequant_gemm(const at::Tensor& x, int64_t n, int64_t groups, MakeTile make_tile) {
+  const int64_t m = x.size(0);
+  if (m >= kDequantTokens) return dequant_gemm(x, n, groups, make_tile);
+  auto out = at::empty({m, n}, x.options());
+  const bool done = gemv_impl<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), m, n, x.size(1),
+                                        groups, make_tile);
+  return done ? out : at::Tensor();
+}
+
 at::Tensor gemv_ungated(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                         const at::Tensor& zeros, const char* op) {
   check_args(op, qweight, scales, zeros, &x);
-  const int64_t m = x.size(0), n = qweight.size(0), k = x.size(1);
-  if (m >= kDequantTokens && n > 0) {
-    return AT_DISPATCH_SWITCH(x.scalar_type(), "w4a16_gemv", W4A16_FLOAT_CASES([&] {
-      const int32_t* q = qweight.data_ptr<int32_t>();
-      const scalar_t *s = scales.data_ptr<scalar_t>(), *z = zeros.data_ptr<scalar_t>();
-      return dequant_gemm(x, n, scales.size(1),
-                          [&](const Gemv& p, int64_t n0) { return RowTile<scalar_t>(p, n0, q, s, z); });
-    }));
-  }
-  auto out = at::empty({m, n}, x.options());
-  if (m == 0 || n == 0) return out;
-  bool done = false;
+  const int64_t m = x.size(0), n = qweight.size(0);
+  if (m == 0 || n == 0) return at::empty({m, n}, x.options());
+  at::Tensor out;
   AT_DISPATCH_SWITCH(x.scalar_type(), "w4a16_gemv", W4A16_FLOAT_CASES([&] {
     const int32_t* q = qweight.data_ptr<int32_t>();
     const scalar_t *s = scales.data_ptr<scalar_t>(), *z = zeros.data_ptr<scalar_t>();
-    done = gemv_impl<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), m, n, k, scales.size(1),
-                               [&](const Gemv& p, int64_t n0) { return RowTile<scalar_t>(p, n0, q, s, z); });
+    out = gemv_or_dequant_gemm<scalar_t>(x, n, scales.size(1), [&](const Gemv& p, int64_t n0) {
+      return RowTile<scalar_t>(p, n0, q, s, z);
+    });
   }));
-  if (done) return out;
+  if (out.defined()) return out;
   // x holds an infinity or NaN. The factorised sums would turn inf * w into
   // inf - inf = NaN where the reference gives +-inf: multiply by the
   // dequantized weight instead, as the reference does (rare: a diverged model).
@@ -567,25 +571,16 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor
 at::Tensor gemv_tiled_ungated(const at::Tensor& x, const at::Tensor& qtiles, const at::Tensor& stiles,
                               const at::Tensor& ztiles, int64_t n, const char* op) {
   check_tiled_args(op, qtiles, stiles, ztiles, n, x);
-  const int64_t m = x.size(0), k = x.size(1);
-  if (m >= kDequantTokens) {
-    return AT_DISPATCH_SWITCH(x.scalar_type(), "w4a16_gemv_tiled", W4A16_FLOAT_CASES([&] {
-      const int32_t* q = qtiles.data_ptr<int32_t>();
-      const scalar_t *s = stiles.data_ptr<scalar_t>(), *z = ztiles.data_ptr<scalar_t>();
-      return dequant_gemm(x, n, stiles.size(1),
-                          [&](const Gemv& p, int64_t n0) { return BlockTile<scalar_t>(p, n0, q, s, z); });
-    }));
-  }
-  auto out = at::empty({m, n}, x.options());
-  if (m == 0) return out;
-  bool done = false;
+  if (x.size(0) == 0) return at::empty({0, n}, x.options());
+  at::Tensor out;
   AT_DISPATCH_SWITCH(x.scalar_type(), "w4a16_gemv_tiled", W4A16_FLOAT_CASES([&] {
     const int32_t* q = qtiles.data_ptr<int32_t>();
     const scalar_t *s = stiles.data_ptr<scalar_t>(), *z = ztiles.data_ptr<scalar_t>();
-    done = gemv_impl<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), m, n, k, stiles.size(1),
-                               [&](const Gemv& p, int64_t n0) { return BlockTile<scalar_t>(p, n0, q, s, z); });
+    out = gemv_or_dequant_gemm<scalar_t>(x, n, stiles.size(1), [&](const Gemv& p, int64_t n0) {
+      return BlockTile<scalar_t>(p, n0, q, s, z);
+    });
   }));
-  if (done) return out;
+  if (out.defined()) return out;
   return at::linear(x, dequantize(untile_rows(qtiles, n), untile_rows(stiles, n), untile_rows(ztiles, n)));
 }
 
