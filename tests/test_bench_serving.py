@@ -49,3 +49,26 @@ def test_the_static_baseline_warms_up_on_its_first_batch_untimed():
     # the warm-up is batch 1 (2 prompts, left-padded to 3, 4 new tokens); then only batch 2 is timed
     assert hf.calls == [((2, 3), 4), ((1, 2), 3)]
     assert run["batch_seconds"][0] is None and run["batch_seconds"][1] >= 0
+
+
+class OutOfMemoryModel(RecordingModel):
+    """Runs out of memory on batches wider than one prompt, as a GPU does on a padded
+    batch whose KV cache does not fit."""
+
+    def generate(self, ids, attention_mask, max_new_tokens, **kwargs):
+        if ids.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        super().generate(ids, attention_mask, max_new_tokens, **kwargs)
+
+
+def test_a_static_batch_size_that_does_not_fit_is_recorded_not_fatal():
+    work = [Request([1, 2, 3], 4, 0.0), Request([1], 2, 0.0), Request([5, 6], 3, 0.0)]
+    run = run_hf_static(OutOfMemoryModel(), work, batch_size=2, device=torch.device("cpu"))
+    assert run == {"batch_size": 2, "out_of_memory": "CUDA out of memory. Tried to allocate 2.00 GiB"}
+    assert static_timeline(work, run) == run  # no throughput for it
+    fits = run_hf_static(OutOfMemoryModel(), work, batch_size=1, device=torch.device("cpu"))
+    merged = merge_runs([fits], [run], "batch_size")
+    assert [r["batch_size"] for r in merged] == [1, 2]
+    assert "output_tokens_per_s" in static_timeline(work, merged[0])
+    # a later run that fits replaces the record of one that did not
+    assert merge_runs([run], [{"batch_size": 2, "batch_seconds": [1.0, 1.0]}], "batch_size")[0]["batch_seconds"] == [1.0, 1.0]

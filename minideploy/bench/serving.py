@@ -159,18 +159,29 @@ def run_hf_static(hf, workload: list[Request], batch_size: int, device: torch.de
     # Warm-up, as the engine gets one: the first batch once, untimed. With a 2-token warm-up
     # the first timed batch on the H100 took twice as long as the same-sized batches after it
     # (83.8 vs 35-43 s): a first-run cost that belongs to no batch.
-    print(f"HF static batch {batch_size}: warm-up (batch 1, untimed) took {generate(batches[0]):.1f} s",
-          flush=True)
-    for k in range(len(batches))[which]:
-        seconds[k] = generate(batches[k])
-        print(f"HF static batch {batch_size}: batch {k + 1}/{len(batches)} took {seconds[k]:.1f} s", flush=True)
+    # A batch size whose padded KV cache does not fit the device is recorded as such (the
+    # largest static batch that fits is the baseline's best), not a crash of the whole run.
+    try:
+        print(f"HF static batch {batch_size}: warm-up (batch 1, untimed) took {generate(batches[0]):.1f} s",
+              flush=True)
+        for k in range(len(batches))[which]:
+            seconds[k] = generate(batches[k])
+            print(f"HF static batch {batch_size}: batch {k + 1}/{len(batches)} took {seconds[k]:.1f} s",
+                  flush=True)
+    except torch.OutOfMemoryError as error:
+        message = (str(error).splitlines() or ["out of memory"])[0]
+        print(f"HF static batch {batch_size}: out of memory ({message})", flush=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # for the next batch size
+        return {"batch_size": batch_size, "out_of_memory": message}
     return {"batch_size": batch_size, "batch_seconds": seconds}
 
 
 def static_timeline(workload: list[Request], run: dict) -> dict:
     """The summary of a static-batching run whose every batch was timed (else `run` as it is)."""
-    seconds, size = run["batch_seconds"], run["batch_size"]
-    if any(s is None for s in seconds):
+    seconds, size = run.get("batch_seconds"), run["batch_size"]
+    if seconds is None or any(s is None for s in seconds):
         return run
     requests = [Request(r.prompt_ids, r.output_len, r.arrival) for r in workload]
     done = 0.0
@@ -188,7 +199,7 @@ def merge_runs(old: list[dict], new: list[dict], key: str) -> list[dict]:
     merged = {r[key]: r for r in old}
     for run in new:
         before = merged.get(run[key])
-        if before is not None and "batch_seconds" in run:
+        if before is not None and "batch_seconds" in run and "batch_seconds" in before:
             run = {**run, "batch_seconds": [n if n is not None else o
                                             for n, o in zip(run["batch_seconds"], before["batch_seconds"])]}
         merged[run[key]] = run
