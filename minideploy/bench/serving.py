@@ -22,13 +22,17 @@ holds twice (~3.5x) the tokens, so larger batches run without preemption.
 
 CPU: the default model (fp32, and W4 g64 RTN with `--w4`), short lengths;
 CUDA: a Llama-2-7B-shaped fp16 model with random weights (speed does not depend
-on the values). Writes figures/serving_{cpu,h100}.json and a plot.
+on the values). Its baseline is static batch 32: on an 80 GB H100, batch 48 ran
+only with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True and was slower (422 vs
+487 tok/s), batch 64 ran out of memory either way (figures/serving_h100.json keeps
+each try). Writes figures/serving_{cpu,h100}.json and a plot.
 """
 from __future__ import annotations
 
 import dataclasses
 import gc
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -139,6 +143,8 @@ def run_hf_static(hf, workload: list[Request], batch_size: int, device: torch.de
     request's finish time (a batch starts when it is full and the previous one is done),
     so the batches may be timed in several runs on the same machine (`--hf-batches`)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # How torch's allocator was set up decides whether a large padded batch fits: recorded.
+    setup = {"cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")} if device.type == "cuda" else {}
     batches = [workload[i:i + batch_size] for i in range(0, len(workload), batch_size)]
     seconds: list[float | None] = [None] * len(batches)
 
@@ -174,8 +180,8 @@ def run_hf_static(hf, workload: list[Request], batch_size: int, device: torch.de
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()  # for the next batch size
-        return {"batch_size": batch_size, "out_of_memory": message}
-    return {"batch_size": batch_size, "batch_seconds": seconds}
+        return {"batch_size": batch_size, **setup, "out_of_memory": message}
+    return {"batch_size": batch_size, **setup, "batch_seconds": seconds}
 
 
 def static_timeline(workload: list[Request], run: dict) -> dict:
