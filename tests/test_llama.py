@@ -77,6 +77,77 @@ def test_incremental_decode_matches_full_forward():
     assert torch.allclose(torch.stack(steps), full[9:23], atol=1e-5)
 
 
+@pytest.mark.parametrize("weights", ["float32", "int4"])
+def test_cpu_decode_layers_in_one_call_match_the_python_loop(kernel_mode, monkeypatch, weights):
+    """On a CPU a tiled model's decode step runs its layers in one C++ call
+    (kernels.decode_layers, csrc/cpu/decoder.cpp) that calls the kernels the Python loop
+    calls: hidden states and the cache bit for bit as the loop's, over rows at different
+    positions (ragged context lengths), step after step. Prefill, untiled linears and
+    batches above the GEMV's token bound stay in the loop."""
+    import copy
+
+    from minideploy import kernels
+    from minideploy.config import QuantConfig
+    from minideploy.models import random_model
+    from minideploy.quant import quantize_model_, tile_linears_
+
+    kernel_mode("compiled")
+    config = ModelConfig(vocab_size=100, hidden_size=128, intermediate_size=160, num_layers=3, num_heads=4,
+                         num_kv_heads=2, head_dim=32, max_position_embeddings=64)
+    untiled = random_model(config, torch.float32, "cpu", seed=5)
+    if weights == "int4":
+        quantize_model_(untiled, QuantConfig(4, 32))
+    model = tile_linears_(copy.deepcopy(untiled))
+    real, calls = kernels.decode_layers, []
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    def run(net, one_call: bool, batch: int = 3):
+        monkeypatch.setattr(kernels, "decode_layers", spy if one_call else (lambda *args, **kwargs: None))
+        cache = KVCache(config, batch, 24, torch.float32, "cpu")
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, 100, (batch, 16), generator=gen)
+        outs = []
+        with torch.inference_mode():
+            outs.append(net(ids, ForwardContext(torch.arange(16).expand(batch, -1), 16), cache))
+            positions = torch.tensor([[5], [11], [15]]).repeat(batch // 3, 1)  # rows see 6, 12, 16 keys
+            for step in range(3):
+                token = torch.randint(0, 100, (batch, 1), generator=gen)
+                outs.append(net(token, ForwardContext(positions + step, 16 + step), cache))
+        return outs, cache
+
+    (loop, loop_cache), (fused, fused_cache) = run(model, False), run(model, True)
+    assert calls == [True] * 3  # the three decode steps, not the prefill
+    assert all(torch.equal(a, b) for a, b in zip(loop, fused))
+    assert torch.equal(loop_cache.k, fused_cache.k) and torch.equal(loop_cache.v, fused_cache.v)
+    calls.clear()
+    run(untiled, True)  # row-layout linears: the loop
+    run(model, True, batch=3 * (kernels.GEMV_MAX_TOKENS // 3 + 1))  # more tokens than the GEMV takes
+    assert calls == []
+
+
+def test_cpu_decode_layers_reject_a_malformed_layer_list():
+    from minideploy import kernels
+
+    runner = kernels.build.load(kernels.DECODER, "cpu")
+    h, w = torch.randn(1, 8), torch.ones(8)
+    with pytest.raises(RuntimeError, match="per layer 2 norms, 2 caches, 4 linears and their 4 out_features"):
+        runner.decode_layers(h, [w, w], [w, w], [[w]] * 3, [8] * 3, torch.zeros(1, dtype=torch.long),
+                             torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.int32),
+                             torch.ones(1, dtype=torch.int32), w, 1, 1, 1e-6, 1.0, ["a"] * 5)
+    with pytest.raises(RuntimeError, match=r"a linear is 1 tensor \(float32 tiles\) or 3"):
+        runner.decode_layers(h, [w, w], [w, w], [[w, w]] * 4, [8] * 4, torch.zeros(1, dtype=torch.long),
+                             torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.int32),
+                             torch.ones(1, dtype=torch.int32), w, 1, 1, 1e-6, 1.0, ["a"] * 5)
+    with pytest.raises(RuntimeError, match="a::rms_norm"):  # an operator no extension registered
+        runner.decode_layers(h, [w, w], [w, w], [[w]] * 4, [8] * 4, torch.zeros(1, dtype=torch.long),
+                             torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.int32),
+                             torch.ones(1, dtype=torch.int32), w, 1, 1, 1e-6, 1.0, ["a"] * 5)
+
+
 def test_non_llama_config_is_rejected():
     from transformers import GPT2Config
 

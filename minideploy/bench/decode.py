@@ -9,9 +9,11 @@ generator, float and then with its decoder linears in W4 (RTN g64 in memory,
 in the CPU kernel's tiles of rows; and, as the baseline of that layout, in the
 rows every device shares), then also its LM head in int8 (one scale a row: the
 default model's GGUF keeps that matrix in 8 bits too), then W4A16 as LMDeploy
-runs it (the float16 model, same quantization, LM head float16). The six (HF
-included) take turns, one timed generation each per round, so that a drift of
-the machine's speed reaches them all alike.
+runs it (the float16 model, same quantization, LM head float16), and the W4 +
+int8 head model once more with its decoder layers run by the Python loop
+instead of one C++ call a step (`LlamaModel.decode_in_one_call`). The seven
+(HF included) take turns, one timed generation each per round, so that a drift
+of the machine's speed reaches them all alike.
 Writes figures/decode_cpu.json.
 
 CUDA with --model-shape (e.g. llama2-7b): random fp16 weights built on the
@@ -117,6 +119,7 @@ def plot_cpu(result: dict, path) -> None:
     g = result["native_w4"]["group_size"]
     variants = {"HF generate": "hf_generate", "minideploy\nfloat": "native",
                 f"W4 g{g}\nrows": "native_w4_row_layout", f"W4 g{g}\ntiles": "native_w4",
+                f"W4 g{g} tiles + int8\nhead, Python loop": "native_w4_int8_head_python_loop",
                 f"W4 g{g} tiles\n+ int8 LM head": "native_w4_int8_head",
                 f"W4A16 g{g}\n(fp16 activations)": "native_w4a16"}
     bar_plot(path, list(variants), [result[key]["tokens_per_s"] for key in variants.values()],
@@ -145,9 +148,15 @@ def bench_cpu(args) -> dict:
     # int4 linears (the LM head, the largest matrix left, then streams half the bytes).
     half = load_model(args.model, dtype=torch.float16, device="cpu")
     quantize_model_(half.model, quant)
+    # The W4 + int8 head model again, its layers run by the Python loop instead of one C++ call
+    # a step (LlamaModel.decode_in_one_call): what that call saves.
+    loop_model = load_model(args.model, dtype=dtype, device="cpu")
+    quantize_lm_head_(quantize_model_(loop_model.model, quant))
+    loop_model.model.decode_in_one_call = False
     session_len = len(ids) + args.new_tokens
     gens = {name: Generator(m.model, m.tokenizer, m.config, session_len=session_len)
-            for name, m in (("native", loaded), ("w4", w4_model), ("w4_int8_head", w4_head_model), ("w4a16", half))}
+            for name, m in (("native", loaded), ("w4", w4_model), ("w4_int8_head", w4_head_model), ("w4a16", half),
+                            ("w4_int8_head_python_loop", loop_model))}
     # The W4 model in the layout every device shares: quantized after its Generator is built
     # (a runner tiles the int4 linears it is given for the CPU kernel), so it keeps the rows.
     rows_model = load_model(args.model, dtype=dtype, device="cpu")
@@ -156,8 +165,8 @@ def bench_cpu(args) -> dict:
     rates = decode_rates({"hf": lambda n: time_hf(hf, ids, n),
                           **{name: (lambda n, g=g: time_native(g, ids, n)) for name, g in gens.items()}},
                          args.new_tokens, args.repeats)
-    hf_result, native, w4, w4_int8_head, w4a16, w4_rows = (
-        rates[k] for k in ("hf", "native", "w4", "w4_int8_head", "w4a16", "w4_rows"))
+    hf_result, native, w4, w4_int8_head, w4a16, w4_rows, w4_loop = (
+        rates[k] for k in ("hf", "native", "w4", "w4_int8_head", "w4a16", "w4_rows", "w4_int8_head_python_loop"))
     tile_rows = kernels.w4a16_tile_shape(torch.device("cpu"))[0]
     result = {
         "model": str(loaded.source.path), "dtype": args.dtype, "batch_size": 1,
@@ -178,6 +187,10 @@ def bench_cpu(args) -> dict:
                                 "note": "as native_w4, and the LM head int8 with one scale per row "
                                         "(quant.quantize_lm_head_)"},
         "w4_int8_head_speedup_vs_float": w4_int8_head["tokens_per_s"] / native["tokens_per_s"],
+        "native_w4_int8_head_python_loop": {**w4_loop, "note": "as native_w4_int8_head, its decoder layers run "
+                                            "by the Python loop (decode_in_one_call False), not one C++ call"},
+        "layers_in_one_call_speedup": w4_int8_head["tokens_per_s"] / w4_loop["tokens_per_s"],
+        "layers_in_one_call_same_tokens": w4_int8_head["tokens"] == w4_loop["tokens"],
         "native_w4a16": {**w4a16, "w_bits": quant.w_bits, "group_size": quant.group_size,
                          "note": "the same RTN quantization of the float16 model: float16 activations, "
                                  "embeddings and LM head"},
@@ -189,7 +202,8 @@ def bench_cpu(args) -> dict:
           f"{native['tokens_per_s']:.1f} tok/s | speedup {result['speedup']:.2f}x | "
           f"same greedy tokens: {result['same_tokens']} | W4 rows {w4_rows['tokens_per_s']:.1f}, "
           f"tiles {w4['tokens_per_s']:.1f} tok/s | "
-          f"W4 + int8 LM head {w4_int8_head['tokens_per_s']:.1f} tok/s | "
+          f"W4 + int8 LM head {w4_int8_head['tokens_per_s']:.1f} tok/s "
+          f"(layers in the Python loop: {w4_loop['tokens_per_s']:.1f}) | "
           f"W4A16 (float16 activations) {w4a16['tokens_per_s']:.1f} tok/s -> {path}")
     return result
 

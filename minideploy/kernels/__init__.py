@@ -31,7 +31,7 @@ __all__ = ["rms_norm", "add_rms_norm", "rope", "rope_store_kv", "linear", "linea
            "int8_linear", "w4a16_linear", "w4a16_silu_and_mul",
            "w4a16_linear_tiled", "w4a16_silu_and_mul_tiled", "w4a16_tile_shape", "w4a16_gemv_max_tokens", "read_words",
            "dequantize_w4", "store_kv",
-           "decode_attention", "decode_attention_fits", "quantize_kv", "dequantize_kv", "silu_and_mul", "backend_for", "mode", "set_mode", "KernelBuildError", "reference"]
+           "decode_attention", "decode_attention_fits", "quantize_kv", "dequantize_kv", "silu_and_mul", "decode_layers", "backend_for", "mode", "set_mode", "KernelBuildError", "reference"]
 
 ENV_VAR = "MINIDEPLOY_KERNELS"
 MODES = ("auto", "reference", "compiled")
@@ -76,6 +76,7 @@ W4A16_GEMV_CHUNKED_MAX_TOKENS_CUDA = 48
 W4A16_GEMV_MAX_TOKENS_CPU = 128
 ATTENTION = "attention"  # store_kv and decode_attention
 ACTIVATION = "activation"  # silu_and_mul
+DECODER = "decoder"  # decode_layers: a decode step's decoder layers in one call (CPU)
 
 
 _mode: Optional[str] = None  # MINIDEPLOY_KERNELS once read (None: not yet)
@@ -408,3 +409,29 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if ext is None:
         return reference.silu_and_mul(gate_up)
     return ext.silu_and_mul(gate_up)
+
+
+def decode_layers(h: torch.Tensor, norms: list[torch.Tensor], caches: list[torch.Tensor],
+                  linears: list[list[torch.Tensor]], out_features: list[int], positions: torch.Tensor,
+                  slots: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                  cos_sin: torch.Tensor, num_heads: int, num_kv_heads: int, eps: float,
+                  scale: float) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """A decode step's decoder layers in one call from Python: (h, residual) after the last
+    layer, or None where this cannot run (not a CPU; a kernel not built; mode "reference"),
+    and the model's own Python loop then runs them (csrc/cpu/decoder.cpp says what it does,
+    and calls the same kernels: the outputs are the loop's bit for bit).
+
+    Per layer: norms (attention's, the MLP's), caches (K and V blocks), four linears (qkv, o,
+    gate_up, down), each its float32 tiles or its int4 tiles, scales and zeros, and their
+    out_features. Why: between the ~250 kernel calls of a batch-1 step Python ran for about a
+    third of it (default model, W4 + int8 head, 2 cores: 6.3 of 17.3-20.7 ms a token, measured
+    by replacing the kernels with stubs); see figures/decode_cpu.json for the step with it."""
+    if h.device.type != "cpu":
+        return None
+    runner = _extension(DECODER, h.device)
+    modules = [_extension(name, h.device) for name in (NORM_ROPE, ATTENTION, LINEAR, W4A16, ACTIVATION)]
+    if runner is None or None in modules:
+        return None
+    return runner.decode_layers(h, norms, caches, linears, out_features, positions, slots, block_tables,
+                                context_lens, cos_sin, num_heads, num_kv_heads, float(eps), float(scale),
+                                [m.__name__ for m in modules])

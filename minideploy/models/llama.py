@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import kernels
 from ..config import ModelConfig
-from ..quant.linear import fused_from_awq
+from ..quant.linear import W4A16TiledLinear, fused_from_awq
 
 
 @dataclass(frozen=True)
@@ -347,6 +347,9 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.embed.weight
         positions = max_positions or config.max_position_embeddings
         self.register_buffer("cos_sin", rope_cos_sin(config, positions), persistent=False)
+        # On a CPU a decode step's layers run in one C++ call where they can (kernels.decode_layers);
+        # False keeps them in the Python loop of `forward` (the reference; A/B timings).
+        self.decode_in_one_call = True
 
     @property
     def device(self) -> torch.device:
@@ -367,11 +370,42 @@ class LlamaModel(nn.Module):
             # before. [batch, 1, seq, kv_len], built once and shared by every layer.
             visible = (torch.arange(ctx.kv_len, device=h.device)[None, None, :]
                        <= ctx.positions[:, :, None])[:, None]
-        residual = None
-        for layer in self.layers:
-            h, residual = layer(h, residual, self.cos_sin, ctx, cache, visible)
+        layers_out = None
+        if visible is None and ctx.query_lens is None and self.decode_in_one_call:  # decode; on a CPU, one call
+            layers_out = self._decode_layers_in_one_call(h, ctx, cache)
+        if layers_out is None:
+            residual = None
+            for layer in self.layers:
+                h, residual = layer(h, residual, self.cos_sin, ctx, cache, visible)
+        else:
+            h, residual = layers_out
         h, _ = self.norm(h, residual)
         return h.view(*input_ids.shape, -1)
+
+    def _decode_layers_in_one_call(self, h: torch.Tensor, ctx: ForwardContext, cache: KVCache):
+        """`kernels.decode_layers` over the layers (C++ calling the kernels the loop above calls),
+        or None, and the loop runs: not a CPU, a quantized cache, more tokens than the float
+        GEMV takes, a linear in no CPU tile layout (the engine's runners tile them), kernels
+        not built. The tensors are gathered every step: a quantized or re-tiled layer is a new
+        module, and a runner holding the old ones would compute the old model."""
+        if h.device.type != "cpu" or cache.key_rotation is not None or h.shape[0] > kernels.GEMV_MAX_TOKENS:
+            return None
+        norms, caches, linears, out_features = [], [], [], []
+        for i, layer in enumerate(self.layers):
+            parts = layer._modules  # nn.Module's attribute lookup: ~0.5 us a name on a small CPU
+            attn, mlp = parts["attn"]._modules, parts["mlp"]._modules
+            for linear in (attn["qkv"], attn["o"], mlp["gate_up"], mlp["down"]):
+                tiles = TILES_OF.get(type(linear))
+                if tiles is None:
+                    return None
+                linears.append(tiles(linear))
+                out_features.append(linear.out_features)
+            norms += (parts["attn_norm"].weight, parts["mlp_norm"].weight)
+            caches += cache.blocks(i)
+        c = self.config
+        return kernels.decode_layers(h, norms, caches, linears, out_features, ctx.positions.reshape(-1), ctx.slots,
+                                     ctx.block_tables, ctx.context_lens, self.cos_sin, c.num_heads, c.num_kv_heads,
+                                     c.rms_norm_eps, self.layers[0].attn.scale)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., hidden] → float32 logits [..., vocab]; 2-D into the linear, so a decode
@@ -407,6 +441,9 @@ class LlamaModel(nn.Module):
         if missing or unexpected:
             raise KeyError(f"weights missing {missing[:5]} / unexpected {unexpected[:5]}")
 
+
+# The linears `kernels.decode_layers` takes, and their tensors as it takes them.
+TILES_OF = {TiledLinear: lambda m: [m._buffers["tiles"]], W4A16TiledLinear: lambda m: list(m.tiles())}
 
 AWQ_TENSORS = ("qweight", "qzeros", "scales")
 

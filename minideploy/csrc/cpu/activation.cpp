@@ -16,6 +16,7 @@
 // for waking the threads.
 
 #include <torch/extension.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -66,6 +67,12 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
 }
 
 }  // namespace
+
+// The entry points decoder.cpp calls, in torch's operator registry under this build's module
+// name (a namespace of its own: builds of this file with other flags load side by side).
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("silu_and_mul", &silu_and_mul);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "minideploy CPU kernels: SwiGLU activation";

@@ -55,6 +55,7 @@
 // exception must never leave one.
 
 #include <torch/extension.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -638,6 +639,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
 }
 
 }  // namespace
+
+// The entry points decoder.cpp calls, in torch's operator registry under this build's module
+// name (a namespace of its own: builds of this file with other flags load side by side).
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "minideploy CPU kernels: KV-cache writes and paged decode attention";

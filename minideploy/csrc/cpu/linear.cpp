@@ -40,6 +40,7 @@
 // quarter of the bytes, converted to float32 in two instructions per vector.
 
 #include <torch/extension.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -277,6 +278,12 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at:
 }
 
 }  // namespace
+
+// The entry points decoder.cpp calls, in torch's operator registry under this build's module
+// name (a namespace of its own: builds of this file with other flags load side by side).
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_tiled", &linear_tiled);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "minideploy CPU kernels: small-batch linear (GEMV)";

@@ -32,6 +32,7 @@
 // squares (accumulated here in double, so it is at least as accurate).
 
 #include <torch/extension.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
@@ -324,6 +325,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_store_kv(
 }
 
 }  // namespace
+
+// The entry points decoder.cpp calls, in torch's operator registry under this build's module
+// name (a namespace of its own: builds of this file with other flags load side by side).
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm);
+  m.def("add_rms_norm", &add_rms_norm);
+  m.def("rope_store_kv", &rope_store_kv);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "minideploy CPU kernels: RMSNorm, fused add + RMSNorm, RoPE";

@@ -56,6 +56,7 @@
 // -ffp-contract=off, and the multiply-adds are explicit (fmav).
 
 #include <torch/extension.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -634,6 +635,12 @@ at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scales, const
 }
 
 }  // namespace
+
+// The entry points decoder.cpp calls, in torch's operator registry under this build's module
+// name (a namespace of its own: builds of this file with other flags load side by side).
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv_tiled", &gemv_tiled);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "minideploy CPU kernels: W4A16 linear (int4 weights, float activations)";
