@@ -17,7 +17,7 @@
 // for the measurement). TurboMind runs its model loop in C++; this file does the same for
 // the layers, calling the same kernels, so the outputs are the Python loop's bit for bit.
 // It reaches them through torch's operator registry: each CPU extension registers its
-// entry points under its own build's module name (TORCH_LIBRARY at the end of each file),
+// entry points under its own build's module name (TORCH_LIBRARY, beside each file's Python bindings),
 // and the caller names those modules. The Python loop stays the reference and the path
 // for everything else (prefill, quantized caches, other linears, more tokens, GPUs).
 
@@ -104,7 +104,7 @@ std::tuple<Tensor, Tensor> decode_layers(
     const std::vector<std::string>& modules) {
   const char* op = "decode_layers";
   const int64_t layers = static_cast<int64_t>(norms.size()) / 2;
-  TORCH_CHECK(norms.size() % 2 == 0 && caches.size() == norms.size() &&
+  TORCH_CHECK(layers >= 1 && norms.size() % 2 == 0 && caches.size() == norms.size() &&
                   linears.size() == static_cast<size_t>(kLinearsPerLayer * layers) &&
                   out_features.size() == linears.size(),
               op, ": per layer 2 norms, 2 caches, 4 linears and their 4 out_features, got ", norms.size(),
