@@ -424,8 +424,11 @@ def decode_layers(h: torch.Tensor, norms: list[torch.Tensor], caches: list[torch
     Per layer: norms (attention's, the MLP's), caches (K and V blocks), four linears (qkv, o,
     gate_up, down), each its float32 tiles or its int4 tiles, scales and zeros, and their
     out_features. Why: between the ~250 kernel calls of a batch-1 step Python ran for about a
-    third of it (default model, W4 + int8 head, 2 cores: 6.3 of 17.3-20.7 ms a token, measured
-    by replacing the kernels with stubs); see figures/decode_cpu.json for the step with it."""
+    third of it (default model, W4 + int8 head, 2 cores in a slow phase: 6.3 of 17.3-20.7 ms a
+    token, timed with the kernels replaced by stubs that return cached outputs). The step with
+    this call against the Python loop in the same run: figures/decode_cpu.json
+    (native_w4_int8_head, native_w4_int8_head_python_loop: 1.27x there, 1.42x a run before).
+    Gathering the tensors costs the model ~0.16 ms a step (LlamaModel._decode_layers_in_one_call)."""
     if h.device.type != "cpu":
         return None
     runner = _extension(DECODER, h.device)
