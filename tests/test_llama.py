@@ -134,22 +134,22 @@ def test_cpu_decode_layers_reject_a_malformed_layer_list():
 
     runner = kernels.build.load(kernels.DECODER, "cpu")
     h, w = torch.randn(1, 8), torch.ones(8)
-    with pytest.raises(RuntimeError, match="per layer 2 norms, 2 caches, 4 linears and their 4 out_features"):
-        runner.decode_layers(h, [], [], [], [], torch.zeros(1, dtype=torch.long),  # no layer at all
-                             torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.int32),
-                             torch.ones(1, dtype=torch.int32), w, 1, 1, 1e-6, 1.0, ["a"] * 5)
-    with pytest.raises(RuntimeError, match="per layer 2 norms, 2 caches, 4 linears and their 4 out_features"):
-        runner.decode_layers(h, [w, w], [w, w], [[w]] * 3, [8] * 3, torch.zeros(1, dtype=torch.long),
-                             torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.int32),
-                             torch.ones(1, dtype=torch.int32), w, 1, 1, 1e-6, 1.0, ["a"] * 5)
+
+    def call(norms, caches, linears, out_features):
+        slots = torch.zeros(1, dtype=torch.long)
+        runner.decode_layers(h, norms, caches, linears, out_features, slots, slots,
+                             torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), w, 1, 1,
+                             1e-6, 1.0, ["a"] * 5)
+
+    layer_list = "per layer 2 norms, 2 caches, 4 linears and their 4 out_features"
+    with pytest.raises(RuntimeError, match=layer_list):
+        call([], [], [], [])  # no layer at all
+    with pytest.raises(RuntimeError, match=layer_list):
+        call([w, w], [w, w], [[w]] * 3, [8] * 3)
     with pytest.raises(RuntimeError, match=r"a linear is 1 tensor \(float32 tiles\) or 3"):
-        runner.decode_layers(h, [w, w], [w, w], [[w, w]] * 4, [8] * 4, torch.zeros(1, dtype=torch.long),
-                             torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.int32),
-                             torch.ones(1, dtype=torch.int32), w, 1, 1, 1e-6, 1.0, ["a"] * 5)
+        call([w, w], [w, w], [[w, w]] * 4, [8] * 4)
     with pytest.raises(RuntimeError, match="a::rms_norm"):  # an operator no extension registered
-        runner.decode_layers(h, [w, w], [w, w], [[w]] * 4, [8] * 4, torch.zeros(1, dtype=torch.long),
-                             torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.int32),
-                             torch.ones(1, dtype=torch.int32), w, 1, 1, 1e-6, 1.0, ["a"] * 5)
+        call([w, w], [w, w], [[w]] * 4, [8] * 4)
 
 
 def test_non_llama_config_is_rejected():
