@@ -383,7 +383,7 @@ class LlamaModel(nn.Module):
         return h.view(*input_ids.shape, -1)
 
     def _decode_layers_in_one_call(self, h: torch.Tensor, ctx: ForwardContext, cache: KVCache):
-        """`kernels.decode_layers` over the layers (C++ calling the kernels the loop above calls),
+        """`kernels.decode_layers` over the layers (C++ calling the kernels `forward`'s loop calls),
         or None, and the loop runs: not a CPU, a quantized cache, more tokens than the float
         GEMV takes, a linear in no CPU tile layout (the engine's runners tile them), kernels
         not built. The tensors are gathered every step: a quantized or re-tiled layer is a new
@@ -393,6 +393,7 @@ class LlamaModel(nn.Module):
         norms, caches, linears, out_features = [], [], [], []
         for i, layer in enumerate(self.layers):
             parts = layer._modules  # nn.Module's attribute lookup: ~0.5 us a name on a small CPU
+            # (this walk: ~0.16 ms a step for the default model's 30 layers, ~0.28 through attributes)
             attn, mlp = parts["attn"]._modules, parts["mlp"]._modules
             for linear in (attn["qkv"], attn["o"], mlp["gate_up"], mlp["down"]):
                 tiles = TILES_OF.get(type(linear))
@@ -400,7 +401,7 @@ class LlamaModel(nn.Module):
                     return None
                 linears.append(tiles(linear))
                 out_features.append(linear.out_features)
-            norms += (parts["attn_norm"].weight, parts["mlp_norm"].weight)
+            norms += (parts["attn_norm"]._parameters["weight"], parts["mlp_norm"]._parameters["weight"])
             caches += cache.blocks(i)
         c = self.config
         return kernels.decode_layers(h, norms, caches, linears, out_features, ctx.positions.reshape(-1), ctx.slots,
