@@ -427,7 +427,7 @@ def decode_layers(h: torch.Tensor, norms: list[torch.Tensor], caches: list[torch
     third of it (default model, W4 + int8 head, 2 cores in a slow phase: 6.3 of 17.3-20.7 ms a
     token, timed with the kernels replaced by stubs that return cached outputs). The step with
     this call against the Python loop in the same run: figures/decode_cpu.json
-    (native_w4_int8_head, native_w4_int8_head_python_loop: 1.27x there, 1.42x a run before).
+    (native_w4_int8_head, native_w4_int8_head_python_loop: 1.30x there; 1.27x, 1.42x in runs before).
     Gathering the tensors costs the model ~0.16 ms a step (LlamaModel._decode_layers_in_one_call)."""
     if h.device.type != "cpu":
         return None
