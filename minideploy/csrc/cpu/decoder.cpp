@@ -17,8 +17,8 @@
 // for the measurement). TurboMind runs its model loop in C++; this file does the same for
 // the layers, calling the same kernels, so the outputs are the Python loop's bit for bit.
 // It reaches them through torch's operator registry: each CPU extension registers its
-// entry points under its own build's module name (TORCH_LIBRARY, beside each file's Python bindings),
-// and the caller names those modules. The Python loop stays the reference and the path
+// entry points under its own build's module name (TORCH_LIBRARY, beside each file's
+// Python bindings), and the caller names those modules. The Python loop stays the reference and the path
 // for everything else (prefill, quantized caches, other linears, more tokens, GPUs).
 
 #include <torch/extension.h>
@@ -36,8 +36,10 @@ namespace {
 using at::Tensor;
 using OptTensor = c10::optional<Tensor>;
 
+template <typename Fn> using Op = c10::TypedOperatorHandle<Fn>;
+
 template <typename Fn>
-c10::TypedOperatorHandle<Fn> find_op(const std::string& module, const char* name) {
+Op<Fn> find_op(const std::string& module, const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow((module + "::" + name).c_str(), "").typed<Fn>();
 }
 
@@ -51,7 +53,6 @@ using DecodeAttention = Tensor(const Tensor&, const Tensor&, const Tensor&, cons
 using LinearTiled = Tensor(const Tensor&, const Tensor&, int64_t);
 using W4A16GemvTiled = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, bool);
 using SiluAndMul = Tensor(const Tensor&);
-template <typename Fn> using Op = c10::TypedOperatorHandle<Fn>;
 
 // The kernels, found once per set of extension modules.
 struct Kernels {
